@@ -1,0 +1,478 @@
+"""
+A continuous (embedding-space) diffusion language model with a RoBERTa-style bidirectional transformer.
+
+Reading order, top to bottom:
+1. DiffusionConfig: every knob, plain values only (round-trips through JSON for checkpoints).
+2. The transformer pieces (RoPE, QK-norm attention, relu^2 MLP, pre-norm blocks with optional adaLN).
+   The causal flag lets nanochat/gpt.py build an autoregressive baseline from the very same blocks.
+3. Noise schedules: alpha_bar(t) for cosine / linear / sqrt, and NoiseSchedule, which maps t in [0, 1]
+   to gamma = -log SNR, truncated to [gamma_min, gamma_max]. All schedule arithmetic is float64.
+4. DiffusionRoBERTa: the denoiser, the training loss (objectives `logits`, `x0`, `eps`), the samplers
+   (ancestral DDPM, deterministic DDIM) and the continuous-time likelihood bound (VDM / Plaid).
+
+Notation (variance preserving): z_t = alpha_t * x + sigma_t * eps, alpha_t^2 = sigmoid(-gamma_t),
+sigma_t^2 = sigmoid(gamma_t), where x is the (unit-norm, sqrt(embed_dim)-scaled) token embedding.
+"""
+
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OBJECTIVES = ("logits", "x0", "eps")
+SCHEDULES = ("cosine", "linear", "sqrt")
+SAMPLERS = ("ddpm", "ddim")
+TIME_CONDS = ("adaln", "add")
+
+
+@dataclass
+class DiffusionConfig:
+    vocab_size: int = 65536
+    depth: int = 12  # number of blocks; the width follows as model_dim = 64 * depth (nanochat's rule)
+    head_dim: int = 64
+    max_seq_len: int = 1024
+    embed_dim: int = 64  # dimension of the space the diffusion runs in (low-dimensional, DESIGN.md §3.2)
+    objective: str = "logits"  # logits: CE on clean tokens | x0: MSE on x0 + rounding CE | eps: MSE on noise + rounding CE
+    schedule: str = "cosine"  # shape of gamma(t): where training spends its timesteps and how the sampler steps
+    gamma_min: float = -3.0  # log-SNR truncation: gamma = -log SNR runs from gamma_min (t=0) to gamma_max (t=1)
+    gamma_max: float = 6.0
+    time_cond: str = "adaln"  # how the noise level reaches the blocks: adaln (scale/shift of every norm) | add
+    self_cond: bool = True  # feed the previous estimate of x0 back in (Chen et al., Analog Bits)
+    self_cond_rate: float = 0.5  # fraction of training micro-batches that get a self-conditioning first pass
+    cond_rate: float = 0.25  # fraction of training rows with clean prefix / infill tokens (DiffuSeq partial noising)
+    bound_samples: int = 32  # timesteps (stratified) per sequence when evaluating the likelihood bound
+
+    def __post_init__(self):
+        checks = [
+            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.time_cond in TIME_CONDS, f"time_cond must be one of {TIME_CONDS}, got {self.time_cond!r}"),
+            (self.depth >= 1 and self.vocab_size >= 2 and self.max_seq_len >= 1 and self.embed_dim >= 1, "sizes must be positive"),
+            (self.model_dim % self.head_dim == 0, f"model_dim {self.model_dim} must be a multiple of head_dim {self.head_dim}"),
+            (self.gamma_min < self.gamma_max, "gamma_min must be below gamma_max"),
+            (0 <= self.self_cond_rate <= 1 and 0 <= self.cond_rate <= 1, "rates must lie in [0, 1]"),
+            (self.bound_samples >= 1, "bound_samples must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def model_dim(self):
+        return 64 * self.depth
+
+    @property
+    def n_head(self):
+        return self.model_dim // self.head_dim
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown} (a checkpoint from another version of the code?)")
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# Transformer pieces, shared with the autoregressive baseline (nanochat/gpt.py)
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # parameter-free RMSNorm, as in nanochat
+
+
+def rotary_cos_sin(seq_len, head_dim, base=10000.0, device=None):
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, head_dim/2)
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, n_head, causal):
+        super().__init__()
+        self.n_head, self.causal = n_head, causal
+        self.c_q = nn.Linear(dim, dim, bias=False)
+        self.c_k = nn.Linear(dim, dim, bias=False)
+        self.c_v = nn.Linear(dim, dim, bias=False)
+        self.c_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache=None):
+        B, T, C = x.shape
+        shape = (B, T, self.n_head, C // self.n_head)
+        q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)
+        cos, sin = cos_sin
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # RoPE, then QK-norm
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:  # autoregressive decoding: attend to everything cached so far
+            k, v = kv_cache.append(k, v)
+        # a causal mask only matters when several queries arrive at once (training, or a prompt prefill)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and T > 1)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, 4 * dim, bias=False)
+        self.c_proj = nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. With `modulated`, a per-sequence condition vector sets a scale and a
+    shift for both norms (adaLN); the modulation starts at zero, so the block starts as a plain one."""
+
+    def __init__(self, dim, n_head, causal=False, modulated=False):
+        super().__init__()
+        self.attn = SelfAttention(dim, n_head, causal)
+        self.mlp = MLP(dim)
+        self.modulation = nn.Linear(dim, 4 * dim, bias=False) if modulated else None
+
+    def forward(self, x, cos_sin, cond=None, kv_cache=None):
+        if self.modulation is None:
+            x = x + self.attn(norm(x), cos_sin, kv_cache)
+            return x + self.mlp(norm(x))
+        scale1, shift1, scale2, shift2 = self.modulation(cond)[:, None, :].chunk(4, dim=-1)
+        x = x + self.attn(norm(x) * (1 + scale1) + shift1, cos_sin)
+        return x + self.mlp(norm(x) * (1 + scale2) + shift2)
+
+
+def init_transformer_weights(module):
+    """nanochat-style init: fan-in scaled normal for linears, zeros for the residual output projections."""
+    for name, p in module.named_parameters():
+        if p.dim() == 2 and name.endswith(("c_proj.weight", "modulation.weight")):
+            nn.init.zeros_(p)
+        elif p.dim() == 2:
+            nn.init.normal_(p, std=p.size(1) ** -0.5)
+
+
+# -----------------------------------------------------------------------------
+# Noise schedules (float64 throughout)
+
+def alpha_bar(schedule, t):
+    """Signal level alpha_bar(t) = alpha_t^2 for t in [0, 1], clipped to [1e-4, 1 - 1e-6]. With t = step / 1000
+    these are the familiar discrete 1000-step schedules: cosine (Nichol & Dhariwal 2021), linear betas
+    1e-4..0.02 (Ho et al. 2020) and sqrt (Li et al. 2022, Diffusion-LM)."""
+    t = t.double()
+    if schedule == "cosine":
+        s = 0.008
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
+    elif schedule == "linear":
+        beta0, beta1, steps = 1e-4, 0.02, 1000
+        f = torch.exp(-steps * (beta0 * t + 0.5 * (beta1 - beta0) * t**2))
+    elif schedule == "sqrt":
+        f = 1 - torch.sqrt(t + 1e-4)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return f.clamp(1e-4, 1 - 1e-6)
+
+
+class NoiseSchedule:
+    """gamma(t) = -log SNR along the named schedule's shape, with t rescaled so that gamma(0) = gamma_min and
+    gamma(1) = gamma_max (the schedule's own range bounds the truncation if it is narrower)."""
+
+    def __init__(self, name, gamma_min, gamma_max):
+        self.name = name
+        self.t_lo = self._solve(gamma_min)
+        self.t_hi = self._solve(gamma_max)
+
+    def _raw_gamma(self, t):
+        ab = alpha_bar(self.name, t)
+        return torch.log1p(-ab) - torch.log(ab)
+
+    def _solve(self, target):
+        lo, hi = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+        for _ in range(100):  # gamma is increasing in t: bisection
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self._raw_gamma(mid) < target else (lo, mid)
+        return lo.item()
+
+    @torch.compiler.disable
+    def gamma(self, t):
+        return self._raw_gamma(self.t_lo + t.double() * (self.t_hi - self.t_lo))
+
+    @torch.compiler.disable
+    def gamma_and_slope(self, t):
+        """gamma(t) and d gamma / dt (by autograd, float64), for the likelihood bound's weighting."""
+        with torch.enable_grad():
+            t = t.detach().double().requires_grad_(True)
+            g = self.gamma(t)
+            (slope,) = torch.autograd.grad(g.sum(), t)
+        return g.detach(), slope
+
+
+def alpha_sigma(gamma):
+    """(alpha, sigma) from gamma = -log SNR, computed in float64."""
+    gamma = gamma.double()
+    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+
+
+def timestep_features(x, dim=256, max_period=10000.0):
+    """Sinusoidal features of a scalar per row (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    angles = x.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# The diffusion model
+
+class DiffusionRoBERTa(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        d, e = config.model_dim, config.embed_dim
+        self.schedule = NoiseSchedule(config.schedule, config.gamma_min, config.gamma_max)
+        self.embedding = nn.Embedding(config.vocab_size, e)  # normalised in embed_matrix(): no collapse, no blow-up
+        self.in_proj = nn.Linear(e, d, bias=False)
+        self.self_cond_proj = nn.Linear(e, d, bias=False)  # zero-init: self-conditioning starts as a no-op
+        self.known_embed = nn.Parameter(torch.zeros(d))  # marks clean (prompt / infill) positions
+        self.time_mlp = nn.Sequential(nn.Linear(256, d, bias=False), nn.SiLU(), nn.Linear(d, d, bias=False))
+        modulated = config.time_cond == "adaln"
+        self.blocks = nn.ModuleList([Block(d, config.n_head, causal=False, modulated=modulated) for _ in range(config.depth)])
+        self.head = nn.Linear(d, config.vocab_size if config.objective == "logits" else e, bias=False)
+        cos, sin = rotary_cos_sin(config.max_seq_len, config.head_dim)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        init_transformer_weights(self)
+        nn.init.normal_(self.embedding.weight, std=1.0)
+        nn.init.zeros_(self.self_cond_proj.weight)
+        nn.init.zeros_(self.head.weight)
+
+    # --- bookkeeping -------------------------------------------------------
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def matmul_params(self):
+        """Parameters that cost 2 FLOPs per token in the forward pass (not the embedding lookup, and not the
+        time MLP / adaLN, which run once per sequence)."""
+        per_sequence = {"embedding", "time_mlp", "modulation", "known_embed"}
+        return sum(p.numel() for n, p in self.named_parameters() if not per_sequence & set(n.split(".")))
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: forward + backward (6N + attention), plus the expected no-grad
+        self-conditioning forward pass (2N + attention forward) on self_cond_rate of the micro-batches."""
+        c = self.config
+        T = seq_len or c.max_seq_len
+        n, attn = self.matmul_params(), 4 * c.depth * c.model_dim * T
+        flops = 6 * n + 3 * attn
+        if c.self_cond:
+            flops += c.self_cond_rate * (2 * n + attn)
+        return flops
+
+    def param_groups(self):
+        """Hidden matrices go to Muon; embeddings, head, projections and scalars go to AdamW."""
+        matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.") and ".modulation." not in n]
+        embedding = [self.embedding.weight]
+        head = [self.head.weight]
+        taken = {id(p) for p in matrix + embedding + head}
+        other = [p for p in self.parameters() if id(p) not in taken]
+        return dict(matrix=matrix, embedding=embedding, head=head, other=other)
+
+    # --- the denoiser ------------------------------------------------------
+
+    def embed_matrix(self):
+        """Token embeddings on a sphere of radius sqrt(embed_dim): unit variance per coordinate."""
+        return F.normalize(self.embedding.weight.float(), dim=-1) * math.sqrt(self.config.embed_dim)
+
+    def denoise(self, z, gamma, known, x0_self_cond):
+        """One network evaluation: noisy embeddings z (B,T,e), noise level gamma (B,), clean-position mask
+        known (B,T), the previous x0 estimate (B,T,e) -> head output (B,T,vocab or e)."""
+        T = z.size(1)
+        h = self.in_proj(z) + self.self_cond_proj(x0_self_cond) + known[..., None] * self.known_embed
+        # normalise gamma to [0, 1000] so that the usual sinusoid frequencies resolve it
+        g = (gamma.float() - self.config.gamma_min) / (self.config.gamma_max - self.config.gamma_min) * 1000
+        cond = self.time_mlp(timestep_features(g).to(h.dtype))
+        if self.config.time_cond == "add":
+            h, cond = h + cond[:, None, :], None
+        else:
+            cond = F.silu(cond)
+        cos_sin = (self.rope_cos[:, :T], self.rope_sin[:, :T])
+        for block in self.blocks:
+            h = block(h, cos_sin, cond)
+        return self.head(norm(h))
+
+    def predict_x0(self, z, gamma, known, x0_self_cond, temperature=1.0):
+        """Denoise and express the result as (x0_hat (B,T,e), logits (B,T,V)), whatever the objective."""
+        out = self.denoise(z, gamma, known, x0_self_cond).float()
+        E = self.embed_matrix()
+        if self.config.objective == "logits":
+            logits = out / temperature
+            return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
+        if self.config.objective == "x0":
+            x0 = out
+        else:  # eps: invert z = alpha x + sigma eps
+            alpha, sigma = (a.float()[:, None, None] for a in alpha_sigma(gamma))
+            x0 = (z - sigma * out) / alpha
+        return x0, (x0 @ E.t()) / temperature  # all embeddings share a norm: dot product ranks by distance
+
+    # --- training ----------------------------------------------------------
+
+    def sample_t(self, batch_size, device):
+        """Stratified uniform timesteps: one per stratum, shuffled across rows (low-variance estimates)."""
+        u = torch.rand((), device=device, dtype=torch.float64)
+        strata = torch.randperm(batch_size, device=device).double()
+        return (strata + u) / batch_size
+
+    def sample_known(self, batch_size, seq_len, device):
+        """Clean positions for conditional training: on cond_rate of the rows, either a prefix (prompt
+        completion, up to half the row) or everything outside a gap of at least half the row (infilling).
+        None when evaluating: the loss and the bound are about unconditional generation."""
+        if not self.training or self.config.cond_rate == 0:
+            return torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+        pos = torch.arange(seq_len, device=device)[None, :]
+        r = torch.rand(batch_size, 4, device=device)
+        prefix_len = (1 + r[:, 0] * (seq_len // 2)).long()[:, None]
+        gap_len = (seq_len - seq_len // 2 + r[:, 1] * (seq_len // 2 + 1)).long().clamp(max=seq_len)[:, None]
+        gap_start = (r[:, 2:3] * (seq_len - gap_len + 1)).long()
+        prefix = pos < prefix_len
+        infill = (pos < gap_start) | (pos >= gap_start + gap_len)
+        use_prefix = (r[:, 3] < 0.5)[:, None]
+        conditioned = (torch.rand(batch_size, device=device) < self.config.cond_rate)[:, None]
+        return conditioned & torch.where(use_prefix, prefix, infill)
+
+    def noised(self, x, gamma, known):
+        alpha, sigma = (a.float()[:, None, None] for a in alpha_sigma(gamma))
+        eps = torch.randn_like(x)
+        z = torch.where(known[..., None], x, alpha * x + sigma * eps)
+        return z, eps
+
+    def self_condition(self, z, gamma, known, x):
+        """The self-conditioning input: zeros, or a no-grad first estimate of x0 on self_cond_rate of the calls
+        (training), always when evaluating. Clean positions carry their true embedding."""
+        x0_sc = torch.zeros_like(z)
+        if self.config.self_cond and (not self.training or torch.rand(()) < self.config.self_cond_rate):
+            with torch.no_grad():
+                x0_sc = self.predict_x0(z, gamma, known, x0_sc)[0]
+        return torch.where(known[..., None], x, x0_sc)
+
+    def forward(self, tokens):
+        """The training loss (a scalar) for a (B, T) batch of token ids."""
+        B, T = tokens.shape
+        x = F.embedding(tokens, self.embed_matrix())
+        gamma = self.schedule.gamma(self.sample_t(B, tokens.device))
+        known = self.sample_known(B, T, tokens.device)
+        z, eps = self.noised(x, gamma, known)
+        x0_hat, logits = self.predict_x0(z, gamma, known, self.self_condition(z, gamma, known, x))
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
+        if self.config.objective == "x0":  # MSE on the regression target, plus the rounding CE above
+            loss = loss + (x0_hat - x).square().mean(-1)
+        elif self.config.objective == "eps":
+            alpha, sigma = (a.float()[:, None, None] for a in alpha_sigma(gamma))
+            loss = loss + ((z - alpha * x0_hat) / sigma - eps).square().mean(-1)
+        noised = ~known
+        return (loss * noised).sum() / noised.sum().clamp(min=1)
+
+    # --- the likelihood bound ----------------------------------------------
+
+    @torch.no_grad()
+    def nll_bound(self, tokens, num_t=None):
+        """Per-token upper bound on -log p(tokens) in nats, (B, T): the continuous-time variational bound
+        (Kingma et al. 2021, VDM; Gulrajani & Hashimoto 2023, Plaid) = prior + reconstruction + diffusion.
+        Evaluated at temperature 1, without clamping, with num_t stratified timesteps per row."""
+        c = self.config
+        K = num_t or c.bound_samples
+        B, T = tokens.shape
+        E = self.embed_matrix()
+        x = F.embedding(tokens, E)
+        no_known = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
+        g0, g1 = (torch.tensor(g, dtype=torch.float64) for g in (c.gamma_min, c.gamma_max))
+        # prior: KL(N(alpha_1 x, sigma_1^2 I) || N(0, I)), summed over the embedding dimensions
+        a1sq, s1sq = torch.sigmoid(-g1).item(), torch.sigmoid(g1).item()
+        prior = 0.5 * (a1sq * x.square().sum(-1) + c.embed_dim * (s1sq - 1 - math.log(s1sq)))
+        # reconstruction: -log p(w | z_0) under the exact Gaussian posterior over the vocabulary
+        a0, s0 = (v.item() for v in alpha_sigma(g0))
+        z0 = a0 * x + s0 * torch.randn_like(x)
+        recon = F.cross_entropy((z0 @ E.t() * (a0 / s0**2)).flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
+        # diffusion: 1/2 E_t[gamma'(t) exp(-gamma(t)) ||x - x0_hat(z_t)||^2]
+        u = torch.rand(B, device=tokens.device, dtype=torch.float64)
+        diffusion = torch.zeros(B, T, device=tokens.device)
+        for k in range(K):
+            gamma, slope = self.schedule.gamma_and_slope((u + k) / K)
+            z, _ = self.noised(x, gamma, no_known)
+            x0_hat, _ = self.predict_x0(z, gamma, no_known, self.self_condition(z, gamma, no_known, x))
+            weight = (0.5 * slope * torch.exp(-gamma)).float()[:, None]
+            diffusion += weight * (x - x0_hat).square().sum(-1)
+        return prior + recon + diffusion / K
+
+    def token_nll(self, tokens):
+        """(nats per target token, target ids), the interface shared with the GPT for bits per byte."""
+        return self.nll_bound(tokens), tokens
+
+    # --- sampling ----------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, num_samples, seq_len, num_steps, temperature=1.0, sampler="ddpm", prompt=None,
+                 known=None, generator=None, clamp=False, return_trajectory=False):
+        """Denoise from pure noise in num_steps steps -> (num_samples, seq_len) token ids.
+        prompt: token ids that appear unchanged at the start; known: {position: token id} that appear
+        unchanged (infilling). temperature divides the logits and scales the ancestral noise; clamp snaps
+        each x0 estimate to its nearest token embedding (Diffusion-LM). With return_trajectory, also returns
+        the list of argmax token estimates after every step."""
+        c = self.config
+        known = dict(known or {})
+        known.update(enumerate(prompt or []))
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not 1 <= seq_len <= c.max_seq_len:
+            raise ValueError(f"seq_len must be in [1, {c.max_seq_len}] (the model's max_seq_len), got {seq_len}")
+        if any(not 0 <= p < seq_len for p in known):
+            raise ValueError(f"prompt / known positions must lie inside seq_len={seq_len}")
+        if any(not 0 <= w < c.vocab_size for w in known.values()):
+            raise ValueError("prompt / known token ids must be < vocab_size")
+        device = self.embedding.weight.device
+        B, E = num_samples, self.embed_matrix()
+        known_mask = torch.zeros(B, seq_len, dtype=torch.bool, device=device)
+        known_ids = torch.zeros(B, seq_len, dtype=torch.long, device=device)
+        for pos, tok in known.items():
+            known_mask[:, pos], known_ids[:, pos] = True, tok
+        x_known = F.embedding(known_ids, E)
+        gammas = self.schedule.gamma(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64))
+        z = torch.randn(B, seq_len, c.embed_dim, device=device, generator=generator)
+        x0_sc, trajectory = torch.zeros_like(z), []
+        for i in range(num_steps):
+            z = torch.where(known_mask[..., None], x_known, z)
+            gamma = gammas[i].expand(B).to(device)
+            x0_hat, logits = self.predict_x0(z, gamma, known_mask, x0_sc if c.self_cond else torch.zeros_like(z), temperature)
+            if clamp:
+                x0_hat = F.embedding(logits.argmax(-1), E)
+            x0_hat = torch.where(known_mask[..., None], x_known, x0_hat)
+            x0_sc = x0_hat
+            z = self._step(z, x0_hat, gammas[i], gammas[i + 1], sampler, temperature, generator)
+            if return_trajectory:
+                trajectory.append(torch.where(known_mask, known_ids, logits.argmax(-1)))
+        tokens = torch.where(known_mask, known_ids, logits.argmax(-1))
+        return (tokens, trajectory) if return_trajectory else tokens
+
+    @staticmethod
+    def _step(z, x0_hat, gamma_t, gamma_s, sampler, temperature, generator):
+        """One reverse step from noise level gamma_t to the cleaner gamma_s (VDM's posterior, float64 scalars)."""
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(gamma_t), alpha_sigma(gamma_s)
+        eps_hat = (z - alpha_t.item() * x0_hat) / sigma_t.item()
+        if sampler == "ddim":
+            return alpha_s.item() * x0_hat + sigma_s.item() * eps_hat
+        c = -torch.expm1(gamma_s - gamma_t)  # 1 - SNR_t / SNR_s
+        mean = (alpha_s / alpha_t).item() * (z - (c * sigma_t).item() * eps_hat)
+        noise = torch.randn(z.shape, device=z.device, generator=generator)
+        return mean + (sigma_s * c.sqrt()).item() * temperature * noise

@@ -1,0 +1,341 @@
+"""
+Train the diffusion language model (or, with --model gpt, the autoregressive baseline, by the same loop).
+
+    python -m scripts.diffusion_train --depth=4 --device_batch_size=1 --num_iterations=100     # CPU smoke run
+    python -m scripts.diffusion_train --num_iterations 5000 --depth 12                         # one GPU
+    torchrun --nproc_per_node=8 -m scripts.diffusion_train                                     # 8 GPUs
+
+Reproducibility: the global batch is split into world_size x grad_accum "slots"; each slot has its own
+data stream (documents slot, slot + n_slots, ...) and its own noise seed per step. A run therefore computes
+the same thing however the slots are spread over processes and accumulation steps (up to float
+reduction order), and a resumed run continues exactly where it stopped.
+"""
+
+import argparse
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanochat.checkpoint import (
+    build_model, checkpoint_path, find_latest, read_checkpoint, save_atomic, save_model_file, state_path,
+)
+from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, init_wandb, peak_flops, print0, run_main
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import default_data_dir, download, list_parquet_files
+from nanochat.diffusion_roberta import OBJECTIVES, SCHEDULES, TIME_CONDS, DiffusionConfig
+from nanochat.evaluate import evaluate_bpb, evaluate_loss
+from nanochat.gpt import GPTConfig
+from nanochat.muon import setup_optimizers
+from nanochat.report import write_report
+from nanochat.tokenizer import Tokenizer, get_tokenizer
+
+D = DiffusionConfig()  # defaults shown in --help
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # model
+    a("--model", choices=["diffusion", "gpt"], default="diffusion", help="diffusion, or the autoregressive baseline")
+    a("--depth", type=int, default=12, help="transformer blocks; width = 64 * depth")
+    a("--max_seq_len", type=int, default=1024)
+    a("--embed_dim", type=int, default=D.embed_dim, help="dimension of the diffusion embedding space")
+    a("--objective", choices=OBJECTIVES, default=D.objective)
+    a("--schedule", choices=SCHEDULES, default=D.schedule)
+    a("--gamma_min", type=float, default=D.gamma_min, help="log-SNR truncation: gamma = -log SNR at t=0")
+    a("--gamma_max", type=float, default=D.gamma_max, help="gamma at t=1")
+    a("--time_cond", choices=TIME_CONDS, default=D.time_cond)
+    a("--self_cond", type=int, choices=[0, 1], default=int(D.self_cond))
+    a("--self_cond_rate", type=float, default=D.self_cond_rate)
+    a("--cond_rate", type=float, default=D.cond_rate, help="fraction of rows trained with clean prompt/infill tokens")
+    a("--bound_samples", type=int, default=D.bound_samples, help="timesteps per sequence for the likelihood bound")
+    # data
+    a("--data_dir", default=None, help="folder of parquet shards (default: $NANOCHAT_BASE_DIR/base_data, downloaded if empty)")
+    a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer (trained on the data if missing)")
+    a("--vocab_size", type=int, default=65536, help="vocabulary size when a tokenizer has to be trained")
+    a("--num_shards", type=int, default=8, help="train shards to download when the default data dir is empty")
+    # optimisation
+    a("--num_iterations", type=int, default=5000)
+    a("--device_batch_size", type=int, default=32)
+    a("--total_batch_size", type=int, default=-1, help="tokens per step; -1 = device_batch_size * max_seq_len * world_size")
+    a("--matrix_lr", type=float, default=0.02, help="Muon, hidden matrices")
+    a("--embedding_lr", type=float, default=0.2, help="AdamW, token embeddings")
+    a("--head_lr", type=float, default=0.004, help="AdamW, output head")
+    a("--other_lr", type=float, default=0.004, help="AdamW, projections, time MLP, adaLN")
+    a("--warmup_ratio", type=float, default=0.0)
+    a("--warmdown_ratio", type=float, default=0.2)
+    a("--final_lr_frac", type=float, default=0.0)
+    a("--grad_clip", type=float, default=1.0, help="0 = off")
+    # evaluation, samples, checkpoints, logging
+    a("--eval_every", type=int, default=250, help="-1 = only at the end")
+    a("--eval_tokens", type=int, default=None, help="validation tokens per evaluation (default: 2^20 on GPU, 2^13 on CPU)")
+    a("--sample_every", type=int, default=1000, help="-1 = only at the end, 0 = never")
+    a("--save_every", type=int, default=1000, help="-1 = only at the end")
+    a("--checkpoint_dir", default="checkpoints")
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint_dir")
+    a("--run", default="dummy", help="wandb run name; 'dummy' = no wandb")
+    a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    positive = ["depth", "max_seq_len", "embed_dim", "num_iterations", "device_batch_size", "bound_samples"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
+        raise UserError("--warmup_ratio + --warmdown_ratio must lie in [0, 1]")
+    if args.eval_tokens is not None and args.eval_tokens < 1:
+        raise UserError("--eval_tokens must be >= 1")
+
+
+def model_config(args, vocab_size):
+    try:
+        if args.model == "gpt":
+            return GPTConfig(vocab_size=vocab_size, depth=args.depth, max_seq_len=args.max_seq_len)
+        return DiffusionConfig(
+            vocab_size=vocab_size, depth=args.depth, max_seq_len=args.max_seq_len, embed_dim=args.embed_dim,
+            objective=args.objective, schedule=args.schedule, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
+            time_cond=args.time_cond, self_cond=bool(args.self_cond), self_cond_rate=args.self_cond_rate,
+            cond_rate=args.cond_rate, bound_samples=args.bound_samples)
+    except ValueError as e:
+        raise UserError(f"bad model settings: {e}") from None
+
+
+def prepare_data_and_tokenizer(args, rank, ddp):
+    """Download the default shards / train the tokenizer when they are missing (rank 0), then load."""
+    if rank == 0:
+        if args.data_dir is None and not os.path.isdir(default_data_dir()) or args.data_dir is None and not os.listdir(default_data_dir()):
+            print0(f"no data in {default_data_dir()}: downloading {args.num_shards} FineWeb-Edu shards (or pass --data_dir)")
+            download(args.num_shards)
+        list_parquet_files(args.data_dir)
+        tok_dir = args.tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
+        if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+            from scripts.tok_train import text_iterator
+            print0(f"no tokenizer in {tok_dir}: training one with vocab_size {args.vocab_size} on the training split")
+            t0 = time.time()
+            Tokenizer.train_from_iterator(text_iterator(args.data_dir, 2_000_000_000, 10_000), args.vocab_size).save(tok_dir)
+            print0(f"tokenizer trained in {time.time() - t0:.1f}s, saved to {tok_dir}")
+    if ddp:
+        dist.barrier()
+    return get_tokenizer(args.tokenizer_dir)
+
+
+def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    warmup, warmdown = round(warmup_ratio * num_iterations), round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def noise_seed(seed, step, slot):
+    """The RNG seed of one slot's micro-batch at one step: independent of how slots map to processes."""
+    return hash((seed, step, slot)) & 0x7FFF_FFFF_FFFF
+
+
+def format_eta(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+@torch.no_grad()
+def sample_texts(model, model_type, tokenizer, num_samples, seq_len, seed):
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    bos = tokenizer.get_bos_token_id()
+    if model_type == "gpt":
+        ids = model.generate(num_samples, seq_len, prompt=[bos], generator=g)
+    else:
+        ids = model.generate(num_samples, seq_len, num_steps=64, prompt=[bos], generator=g)
+    return [tokenizer.decode([t for t in row.tolist() if t != bos]) for row in ids]
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    try:
+        train(args, ddp, rank, world_size, device)
+    finally:
+        compute_cleanup()
+
+
+def train(args, ddp, rank, world_size, device):
+    tokenizer = prepare_data_and_tokenizer(args, rank, ddp)
+    token_bytes = tokenizer.token_bytes(device)
+    config = model_config(args, tokenizer.get_vocab_size())
+    tokens_per_fwd = args.device_batch_size * args.max_seq_len
+    total_batch_size = args.total_batch_size if args.total_batch_size > 0 else tokens_per_fwd * world_size
+    if total_batch_size % (tokens_per_fwd * world_size):
+        raise UserError(f"--total_batch_size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
+                        f"world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} = {tokens_per_fwd * world_size}")
+    grad_accum = total_batch_size // (tokens_per_fwd * world_size)
+    eval_tokens = args.eval_tokens or (2**20 if device.type == "cuda" else 2**13)
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(args.model, config.to_dict()).to(device)
+    optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, args.head_lr, args.other_lr)
+    start_step, loader_states, history = 0, [None] * grad_accum, {"train": [], "eval": []}
+    if args.resume:
+        start_step, loader_states, history = resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_accum)
+    n_slots = world_size * grad_accum
+    slots = [m * world_size + rank for m in range(grad_accum)]  # this rank's micro-batches, in order
+    loaders = [DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, rank=slot,
+                          world_size=n_slots, seed=args.seed, device=device, state=state)
+               for slot, state in zip(slots, loader_states)]
+    val_batches = list(next_batches(DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", args.data_dir,
+                                               rank=rank, world_size=world_size, device=device),
+                                    max(1, eval_tokens // (tokens_per_fwd * world_size))))
+
+    raw_model = model
+    train_model = torch.compile(model) if args.compile else model
+    if ddp:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    flops_per_token = raw_model.flops_per_token(args.max_seq_len)
+    peak = peak_flops(device) * world_size
+    wandb_run = init_wandb(args.run, rank, vars(args) | {"model_config": config.to_dict()})
+    print0(f"{args.model}: {raw_model.num_params():,} parameters, {flops_per_token:.3e} training FLOPs/token, "
+           f"vocab {config.vocab_size}, device {device}, world size {world_size}")
+    print0(f"batch: {total_batch_size:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x {world_size} ranks "
+           f"x {grad_accum} accumulation steps; {len(val_batches) * tokens_per_fwd * world_size:,} validation tokens")
+
+    def save(step):
+        path = checkpoint_path(args.checkpoint_dir, args.model, step)
+        if rank == 0:
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+        if ddp:
+            dist.barrier()
+        save_atomic({"optimizers": [opt.state_dict() for opt in optimizers], "loaders": step_start_states,
+                     "world_size": world_size, "grad_accum": grad_accum, "history": history}, state_path(path, rank))
+        if ddp:
+            dist.barrier()
+        if rank == 0:  # written last: its presence marks a complete checkpoint
+            save_model_file(path, step, raw_model, args.model, tokenizer, meta={"args": vars(args)})
+            print0(f"saved {path}")
+        return path
+
+    step, step_start_states, smooth_loss, total_time, last_path = start_step, [l.state_dict() for l in loaders], None, 0.0, None
+    last = lambda s: s == args.num_iterations
+    try:
+        while True:
+            if args.eval_every > 0 and step % args.eval_every == 0 or last(step):
+                raw_model.eval()
+                torch.manual_seed(args.seed + 1000 + rank)  # the same noise at every evaluation: comparable curves
+                with autocast:
+                    val = evaluate_bpb(raw_model, val_batches, token_bytes)
+                    val_loss = evaluate_loss(raw_model, val_batches)
+                raw_model.train()
+                history["eval"].append(dict(step=step, flops=step * total_batch_size * flops_per_token, time=total_time,
+                                    val_loss=val_loss, val_bpb=val["bpb"], val_bpb_stderr=val["stderr"]))
+                print0(f"step {step:05d} | val loss {val_loss:.4f} | val bpb {val['bpb']:.4f} ± {val['stderr']:.4f}")
+                wandb_run.log({"step": step, "val/loss": val_loss, "val/bpb": val["bpb"]})
+            if rank == 0 and (args.sample_every > 0 and step > 0 and step % args.sample_every == 0
+                              or args.sample_every != 0 and last(step)):
+                raw_model.eval()
+                with autocast:
+                    for text in sample_texts(raw_model, args.model, tokenizer, 2, min(64, args.max_seq_len), args.seed):
+                        print0(f"sample: {text!r}")
+                raw_model.train()
+            if step > start_step and (last(step) or args.save_every > 0 and step % args.save_every == 0):
+                last_path = save(step)
+            if last(step):
+                break
+
+            # one optimisation step over grad_accum micro-batches
+            t0 = time.time()
+            step_start_states = [l.state_dict() for l in loaders]
+            lrm = lr_multiplier(step, args.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            loss_sum = torch.zeros((), device=device)
+            for m, loader in enumerate(loaders):
+                tokens = next(loader)
+                torch.manual_seed(noise_seed(args.seed, step, slots[m]))
+                sync = nullcontext() if not ddp or m == grad_accum - 1 else train_model.no_sync()
+                with sync:
+                    with autocast:
+                        loss = train_model(tokens)
+                    (loss / grad_accum).backward()
+                loss_sum += loss.detach()
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+            train_loss = loss_sum.item() / (grad_accum * world_size)
+            if not math.isfinite(train_loss):
+                where = f"the last good checkpoint is {last_path}" if last_path else "no checkpoint was written in this run"
+                raise UserError(f"loss is {train_loss} at step {step}; stopping ({where}). "
+                                f"Try lower learning rates (--matrix_lr, --embedding_lr) or --grad_clip 1.0")
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+                opt.step()
+            raw_model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            step += 1
+            if step > start_step + 1:  # the first step includes warm-up / compilation
+                total_time += dt
+            history["train"].append([step, train_loss])
+            smooth_loss = train_loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * train_loss
+            tok_per_s = total_batch_size / dt
+            mfu = 100 * flops_per_token * tok_per_s / peak
+            eta = (args.num_iterations - step) * (total_time / max(1, step - start_step - 1) if step > start_step + 1 else dt)
+            print0(f"step {step:05d}/{args.num_iterations} | loss {train_loss:.4f} (smooth {smooth_loss:.4f}) | lrm {lrm:.2f} | "
+                   f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu:.2f}% | eta {format_eta(eta)}")
+            wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_s, "train/mfu": mfu})
+    except KeyboardInterrupt:
+        print0(f"interrupted at step {step}: saving a checkpoint")
+        raw_model.zero_grad(set_to_none=True)
+        save(step)
+        raise
+    if rank == 0:
+        report = write_report(args.checkpoint_dir, args.model, vars(args), raw_model, history, device,
+                              samples=sample_texts(raw_model.eval(), args.model, tokenizer, 3, min(64, args.max_seq_len), args.seed),
+                              tokens_per_second=total_batch_size * (step - start_step - 1) / total_time if total_time else None)
+        print0(f"report: {report}")
+    wandb_run.finish()
+    print0(f"done: {step} steps, {total_time / 60:.2f} min of training, last checkpoint {last_path}")
+
+
+def next_batches(loader, n):
+    for _, batch in zip(range(n), loader):
+        yield batch
+
+
+def resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_accum):
+    path = find_latest(args.checkpoint_dir, args.model, world_size)
+    if path is None:
+        raise UserError(f"--resume: no complete {args.model} checkpoint in {args.checkpoint_dir}; start without --resume")
+    ckpt = read_checkpoint(path)
+    if ckpt["config"] != config.to_dict():
+        diff = {k: (ckpt["config"].get(k), v) for k, v in config.to_dict().items() if ckpt["config"].get(k) != v}
+        raise UserError(f"{path} was trained with another configuration (checkpoint vs now: {diff}); "
+                        f"pass the same flags, or use another --checkpoint_dir")
+    if ckpt["tokenizer"]["identity"] != tokenizer.identity:
+        raise UserError(f"{path} was trained with another tokenizer than the one in --tokenizer_dir")
+    state = torch.load(state_path(path, rank), map_location="cpu", weights_only=True)
+    if (state["world_size"], state["grad_accum"]) != (world_size, grad_accum):
+        raise UserError(f"{path} was written by {state['world_size']} ranks x {state['grad_accum']} accumulation steps; "
+                        f"resume with the same world size and batch settings")
+    if ckpt["step"] > args.num_iterations:
+        raise UserError(f"{path} is at step {ckpt['step']}, beyond --num_iterations {args.num_iterations}")
+    model.load_state_dict(ckpt["model"])
+    for opt, sd in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(sd)
+    print0(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], state["loaders"], state["history"]
+
+
+if __name__ == "__main__":
+    run_main(main)
