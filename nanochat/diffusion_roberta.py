@@ -43,6 +43,7 @@ class DiffusionConfig:
     self_cond_rate: float = 0.5  # fraction of training micro-batches that get a self-conditioning first pass
     cond_rate: float = 0.25  # fraction of training rows with clean prefix / infill tokens (DiffuSeq partial noising)
     bound_samples: int = 32  # timesteps (stratified) per sequence when evaluating the likelihood bound
+    posterior_skip: bool = True  # logits objective: add the exact per-token Gaussian posterior log p(w | z_t) to the logits
 
     def __post_init__(self):
         checks = [
@@ -268,10 +269,14 @@ class DiffusionRoBERTa(nn.Module):
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: forward + backward (6N + attention), plus the expected no-grad
-        self-conditioning forward pass (2N + attention forward) on self_cond_rate of the micro-batches."""
+        self-conditioning forward pass (2N + attention forward) on self_cond_rate of the micro-batches.
+        N counts the products with the embedding matrix too (softmax @ E, and z @ E^T for the skip)."""
         c = self.config
         T = seq_len or c.max_seq_len
-        n, attn = self.matmul_params(), 4 * c.depth * c.model_dim * T
+        n = self.matmul_params()
+        if c.objective == "logits":
+            n += c.vocab_size * c.embed_dim * (1 + c.posterior_skip)
+        attn = 4 * c.depth * c.model_dim * T
         flops = 6 * n + 3 * attn
         if c.self_cond:
             flops += c.self_cond_rate * (2 * n + attn)
@@ -314,6 +319,11 @@ class DiffusionRoBERTa(nn.Module):
         out = self.denoise(z, gamma, known, x0_self_cond).float()
         E = self.embed_matrix()
         if self.config.objective == "logits":
+            if self.config.posterior_skip:
+                # log p(w | z_t) for a token seen alone is alpha / sigma^2 * z . e_w (+ const, all e_w share a norm):
+                # the network only has to learn what context adds, and at low noise the skip identifies the token
+                alpha, sigma = alpha_sigma(gamma)
+                out = out + (alpha / sigma**2).float()[:, None, None] * (z.float() @ E.t())
             logits = out / temperature
             return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
         if self.config.objective == "x0":

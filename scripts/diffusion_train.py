@@ -9,11 +9,16 @@ Reproducibility: the global batch is split into world_size x grad_accum "slots";
 data stream (documents slot, slot + n_slots, ...) and its own noise seed per step. A run therefore computes
 the same thing however the slots are spread over processes and accumulation steps (up to float
 reduction order), and a resumed run continues exactly where it stopped.
+
+Ctrl-C finishes the current step, saves a checkpoint and exits (code 130); a second Ctrl-C aborts at once.
+A non-finite loss or gradient norm stops the run before the update, leaving the last checkpoint as it was.
 """
 
 import argparse
+import hashlib
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 
@@ -26,7 +31,7 @@ from nanochat.checkpoint import (
 )
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, init_wandb, peak_flops, print0, run_main
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import default_data_dir, download, list_parquet_files
+from nanochat.dataset import default_data_dir, download, split_files
 from nanochat.diffusion_roberta import OBJECTIVES, SCHEDULES, TIME_CONDS, DiffusionConfig
 from nanochat.evaluate import evaluate_bpb, evaluate_loss
 from nanochat.gpt import GPTConfig
@@ -54,6 +59,7 @@ def get_args(argv=None):
     a("--self_cond_rate", type=float, default=D.self_cond_rate)
     a("--cond_rate", type=float, default=D.cond_rate, help="fraction of rows trained with clean prompt/infill tokens")
     a("--bound_samples", type=int, default=D.bound_samples, help="timesteps per sequence for the likelihood bound")
+    a("--posterior_skip", type=int, choices=[0, 1], default=int(D.posterior_skip), help="add log p(w | z_t) of each token alone to the logits")
     # data
     a("--data_dir", default=None, help="folder of parquet shards (default: $NANOCHAT_BASE_DIR/base_data, downloaded if empty)")
     a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer (trained on the data if missing)")
@@ -104,27 +110,38 @@ def model_config(args, vocab_size):
             vocab_size=vocab_size, depth=args.depth, max_seq_len=args.max_seq_len, embed_dim=args.embed_dim,
             objective=args.objective, schedule=args.schedule, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
             time_cond=args.time_cond, self_cond=bool(args.self_cond), self_cond_rate=args.self_cond_rate,
-            cond_rate=args.cond_rate, bound_samples=args.bound_samples)
+            cond_rate=args.cond_rate, bound_samples=args.bound_samples,
+            posterior_skip=bool(args.posterior_skip))
     except ValueError as e:
         raise UserError(f"bad model settings: {e}") from None
 
 
 def prepare_data_and_tokenizer(args, rank, ddp):
-    """Download the default shards / train the tokenizer when they are missing (rank 0), then load."""
+    """Download the default shards / train the tokenizer when they are missing (rank 0), then load.
+    A UserError on rank 0 is passed to every rank, so that none waits for it forever."""
+    error = None
     if rank == 0:
-        if args.data_dir is None and not os.path.isdir(default_data_dir()) or args.data_dir is None and not os.listdir(default_data_dir()):
-            print0(f"no data in {default_data_dir()}: downloading {args.num_shards} FineWeb-Edu shards (or pass --data_dir)")
-            download(args.num_shards)
-        list_parquet_files(args.data_dir)
-        tok_dir = args.tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
-        if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-            from scripts.tok_train import text_iterator
-            print0(f"no tokenizer in {tok_dir}: training one with vocab_size {args.vocab_size} on the training split")
-            t0 = time.time()
-            Tokenizer.train_from_iterator(text_iterator(args.data_dir, 2_000_000_000, 10_000), args.vocab_size).save(tok_dir)
-            print0(f"tokenizer trained in {time.time() - t0:.1f}s, saved to {tok_dir}")
+        try:
+            if args.data_dir is None and (not os.path.isdir(default_data_dir()) or not os.listdir(default_data_dir())):
+                print0(f"no data in {default_data_dir()}: downloading {args.num_shards} FineWeb-Edu shards (or pass --data_dir)")
+                download(args.num_shards)
+            split_files("val", args.data_dir)  # at least a train and a val shard
+            tok_dir = args.tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
+            if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+                from scripts.tok_train import text_iterator
+                print0(f"no tokenizer in {tok_dir}: training one with vocab_size {args.vocab_size} on the training split "
+                       f"(or train one first with: python -m scripts.tok_train)")
+                t0 = time.time()
+                Tokenizer.train_from_iterator(text_iterator(args.data_dir, 2_000_000_000, 10_000), args.vocab_size).save(tok_dir)
+                print0(f"tokenizer trained in {time.time() - t0:.1f}s, saved to {tok_dir}")
+        except UserError as e:
+            error = str(e)
     if ddp:
-        dist.barrier()
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
     return get_tokenizer(args.tokenizer_dir)
 
 
@@ -139,8 +156,24 @@ def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_f
 
 
 def noise_seed(seed, step, slot):
-    """The RNG seed of one slot's micro-batch at one step: independent of how slots map to processes."""
-    return hash((seed, step, slot)) & 0x7FFF_FFFF_FFFF
+    """The RNG seed of one slot's micro-batch at one step: independent of how slots map to processes
+    (and, unlike hash(), of the Python version and platform)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{slot}".encode(), digest_size=6).digest(), "little")
+
+
+class StopRequest:
+    """SIGINT handler. The first Ctrl-C only sets a flag: the loop finishes its step, saves and stops (every
+    rank at the same step). Another Ctrl-C more than a second later aborts at once; the one torchrun forwards
+    right after the terminal's is ignored. (No printing here: a handler may interrupt a print.)"""
+
+    def __init__(self):
+        self.time = None
+
+    def __call__(self, signum, frame):
+        if self.time is None:
+            self.time = time.time()
+        elif time.time() - self.time > 1.0:
+            raise KeyboardInterrupt
 
 
 def format_eta(seconds):
@@ -171,23 +204,23 @@ def main(argv=None):
 
 
 def train(args, ddp, rank, world_size, device):
-    tokenizer = prepare_data_and_tokenizer(args, rank, ddp)
-    token_bytes = tokenizer.token_bytes(device)
-    config = model_config(args, tokenizer.get_vocab_size())
     tokens_per_fwd = args.device_batch_size * args.max_seq_len
     total_batch_size = args.total_batch_size if args.total_batch_size > 0 else tokens_per_fwd * world_size
     if total_batch_size % (tokens_per_fwd * world_size):
         raise UserError(f"--total_batch_size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
                         f"world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} = {tokens_per_fwd * world_size}")
     grad_accum = total_batch_size // (tokens_per_fwd * world_size)
+    tokenizer = prepare_data_and_tokenizer(args, rank, ddp)
+    token_bytes = tokenizer.token_bytes(device)
+    config = model_config(args, tokenizer.get_vocab_size())
     eval_tokens = args.eval_tokens or (2**20 if device.type == "cuda" else 2**13)
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args.model, config.to_dict()).to(device)
     optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, args.head_lr, args.other_lr)
-    start_step, loader_states, history = 0, [None] * grad_accum, {"train": [], "eval": []}
+    start_step, loader_states, history, total_time = 0, [None] * grad_accum, {"train": [], "eval": []}, 0.0
     if args.resume:
-        start_step, loader_states, history = resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_accum)
+        start_step, loader_states, history, total_time = resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_accum)
     n_slots = world_size * grad_accum
     slots = [m * world_size + rank for m in range(grad_accum)]  # this rank's micro-batches, in order
     loaders = [DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, rank=slot,
@@ -196,6 +229,12 @@ def train(args, ddp, rank, world_size, device):
     val_batches = list(next_batches(DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", args.data_dir,
                                                rank=rank, world_size=world_size, device=device),
                                     max(1, eval_tokens // (tokens_per_fwd * world_size))))
+    num_val = torch.tensor(float(len(val_batches)), device=device)
+    if ddp:
+        dist.all_reduce(num_val)
+    if num_val.item() == 0:
+        raise UserError(f"the validation split (the last shard) has fewer than {tokens_per_fwd} tokens per rank: "
+                        f"lower --device_batch_size / --max_seq_len, or add data")
 
     raw_model = model
     train_model = torch.compile(model) if args.compile else model
@@ -208,16 +247,24 @@ def train(args, ddp, rank, world_size, device):
     print0(f"{args.model}: {raw_model.num_params():,} parameters, {flops_per_token:.3e} training FLOPs/token, "
            f"vocab {config.vocab_size}, device {device}, world size {world_size}")
     print0(f"batch: {total_batch_size:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x {world_size} ranks "
-           f"x {grad_accum} accumulation steps; {len(val_batches) * tokens_per_fwd * world_size:,} validation tokens")
+           f"x {grad_accum} accumulation steps; {int(num_val.item()) * tokens_per_fwd:,} validation tokens")
+
+    step, smooth_loss, last_path, saved_step = start_step, None, None, start_step if args.resume else None
+    loader_states = [l.state_dict() for l in loaders]  # always the loaders' state at the start of `step`
+    for _, loss in history["train"]:
+        smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
 
     def save(step):
         path = checkpoint_path(args.checkpoint_dir, args.model, step)
         if rank == 0:
             os.makedirs(args.checkpoint_dir, exist_ok=True)
+            if os.path.exists(path):  # from an older run: it must not vouch for the state files written next
+                os.remove(path)
         if ddp:
             dist.barrier()
-        save_atomic({"optimizers": [opt.state_dict() for opt in optimizers], "loaders": step_start_states,
-                     "world_size": world_size, "grad_accum": grad_accum, "history": history}, state_path(path, rank))
+        save_atomic({"optimizers": [opt.state_dict() for opt in optimizers], "loaders": loader_states,
+                     "world_size": world_size, "grad_accum": grad_accum, "history": history, "total_time": total_time},
+                    state_path(path, rank))
         if ddp:
             dist.barrier()
         if rank == 0:  # written last: its presence marks a complete checkpoint
@@ -225,11 +272,22 @@ def train(args, ddp, rank, world_size, device):
             print0(f"saved {path}")
         return path
 
-    step, step_start_states, smooth_loss, total_time, last_path = start_step, [l.state_dict() for l in loaders], None, 0.0, None
+    def nonfinite(what, value):
+        where = f"the last good checkpoint is {last_path}" if last_path else "no checkpoint was written in this run"
+        return UserError(f"{what} is {value} at step {step}; stopping before the update ({where}). "
+                         f"Try lower learning rates (--matrix_lr, --embedding_lr, --head_lr, --other_lr)"
+                         + ("" if args.grad_clip > 0 else " or --grad_clip 1.0"))
+
+    stop = StopRequest()
+    try:
+        previous_handler = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+        previous_handler = None
     last = lambda s: s == args.num_iterations
     try:
         while True:
-            if args.eval_every > 0 and step % args.eval_every == 0 or last(step):
+            evaluated = bool(history["eval"]) and history["eval"][-1]["step"] == step  # resumed right after an eval
+            if (args.eval_every > 0 and step % args.eval_every == 0 or last(step)) and not evaluated:
                 raw_model.eval()
                 torch.manual_seed(args.seed + 1000 + rank)  # the same noise at every evaluation: comparable curves
                 with autocast:
@@ -240,23 +298,22 @@ def train(args, ddp, rank, world_size, device):
                                     val_loss=val_loss, val_bpb=val["bpb"], val_bpb_stderr=val["stderr"]))
                 print0(f"step {step:05d} | val loss {val_loss:.4f} | val bpb {val['bpb']:.4f} ± {val['stderr']:.4f}")
                 wandb_run.log({"step": step, "val/loss": val_loss, "val/bpb": val["bpb"]})
-            if rank == 0 and (args.sample_every > 0 and step > 0 and step % args.sample_every == 0
+            if rank == 0 and (args.sample_every > 0 and step > start_step and step % args.sample_every == 0
                               or args.sample_every != 0 and last(step)):
                 raw_model.eval()
                 with autocast:
                     for text in sample_texts(raw_model, args.model, tokenizer, 2, min(64, args.max_seq_len), args.seed):
                         print0(f"sample: {text!r}")
                 raw_model.train()
-            if step > start_step and (last(step) or args.save_every > 0 and step % args.save_every == 0):
-                last_path = save(step)
+            if step != saved_step and (last(step) or args.save_every > 0 and step % args.save_every == 0 and step > 0):
+                last_path, saved_step = save(step), step
             if last(step):
                 break
 
             # one optimisation step over grad_accum micro-batches
             t0 = time.time()
-            step_start_states = [l.state_dict() for l in loaders]
             lrm = lr_multiplier(step, args.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-            loss_sum = torch.zeros((), device=device)
+            stats = torch.zeros(2, device=device)  # summed micro-batch losses, stop requests
             for m, loader in enumerate(loaders):
                 tokens = next(loader)
                 torch.manual_seed(noise_seed(args.seed, step, slots[m]))
@@ -265,16 +322,18 @@ def train(args, ddp, rank, world_size, device):
                     with autocast:
                         loss = train_model(tokens)
                     (loss / grad_accum).backward()
-                loss_sum += loss.detach()
+                stats[0] += loss.detach()
+            stats[1] = float(stop.time is not None)
             if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            train_loss = loss_sum.item() / (grad_accum * world_size)
+                dist.all_reduce(stats, op=dist.ReduceOp.SUM)  # every rank sees the same loss and stop decision
+            loss_sum, stopping = stats.tolist()
+            train_loss = loss_sum / (grad_accum * world_size)
             if not math.isfinite(train_loss):
-                where = f"the last good checkpoint is {last_path}" if last_path else "no checkpoint was written in this run"
-                raise UserError(f"loss is {train_loss} at step {step}; stopping ({where}). "
-                                f"Try lower learning rates (--matrix_lr, --embedding_lr) or --grad_clip 1.0")
+                raise nonfinite("the training loss", train_loss)
             if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
+                if not math.isfinite(grad_norm):
+                    raise nonfinite("the gradient norm", grad_norm)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lrm
@@ -284,6 +343,7 @@ def train(args, ddp, rank, world_size, device):
                 torch.cuda.synchronize()
             dt = time.time() - t0
             step += 1
+            loader_states = [l.state_dict() for l in loaders]
             if step > start_step + 1:  # the first step includes warm-up / compilation
                 total_time += dt
             history["train"].append([step, train_loss])
@@ -294,11 +354,15 @@ def train(args, ddp, rank, world_size, device):
             print0(f"step {step:05d}/{args.num_iterations} | loss {train_loss:.4f} (smooth {smooth_loss:.4f}) | lrm {lrm:.2f} | "
                    f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu:.2f}% | eta {format_eta(eta)}")
             wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/tok_per_sec": tok_per_s, "train/mfu": mfu})
-    except KeyboardInterrupt:
-        print0(f"interrupted at step {step}: saving a checkpoint")
-        raw_model.zero_grad(set_to_none=True)
-        save(step)
-        raise
+            if stopping:
+                print0(f"interrupted at step {step}: saving a checkpoint (continue with --resume)")
+                if step != saved_step:
+                    last_path, saved_step = save(step), step
+                wandb_run.finish()
+                raise KeyboardInterrupt
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
     if rank == 0:
         report = write_report(args.checkpoint_dir, args.model, vars(args), raw_model, history, device,
                               samples=sample_texts(raw_model.eval(), args.model, tokenizer, 3, min(64, args.max_seq_len), args.seed),
@@ -333,8 +397,18 @@ def resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_ac
     model.load_state_dict(ckpt["model"])
     for opt, sd in zip(optimizers, state["optimizers"]):
         opt.load_state_dict(sd)
+    old_args = ckpt.get("meta", {}).get("args", {})
+    changed = sorted(k for k, v in vars(args).items() if k in old_args and old_args[k] != v and k not in RESUME_FREE_ARGS)
+    if changed:
+        print0("note: continuing with settings that differ from the checkpoint's: "
+               + ", ".join(f"--{k} {old_args[k]} -> {getattr(args, k)}" for k in changed))
     print0(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"], state["loaders"], state["history"]
+    return ckpt["step"], state["loaders"], state["history"], state.get("total_time", 0.0)
+
+
+# flags that do not change what a resumed run computes
+RESUME_FREE_ARGS = {"resume", "run", "checkpoint_dir", "data_dir", "tokenizer_dir", "num_shards", "vocab_size", "eval_every",
+                    "eval_tokens", "sample_every", "save_every", "device_type", "compile"}
 
 
 if __name__ == "__main__":

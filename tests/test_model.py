@@ -199,6 +199,6 @@ def test_flops_and_params():
     model = DiffusionRoBERTa(tiny_config(depth=2, self_cond=False))
     n = model.matmul_params()
     assert 0 < n < model.num_params()
-    assert model.flops_per_token(16) == 6 * n + 12 * 2 * 128 * 16
+    assert model.flops_per_token(16) == 6 * (n + 2 * 32 * 8) + 12 * 2 * 128 * 16  # + softmax @ E and the skip
     sc = DiffusionRoBERTa(tiny_config(depth=2, self_cond=True, self_cond_rate=0.5))
     assert sc.flops_per_token(16) > model.flops_per_token(16)

@@ -1,0 +1,288 @@
+"""The training script: flags, batch arithmetic, DDP = gradient accumulation, checkpoints and resume, failures
+(non-finite loss, Ctrl-C, missing data / tokenizer), wandb offline, and an end-to-end run that learns.
+Runs in-process (scripts.diffusion_train.main) where it can, in a subprocess where the process itself matters."""
+import contextlib
+import glob
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.checkpoint import find_latest, load_model, state_path
+from nanochat.common import UserError
+from nanochat.diffusion_roberta import DiffusionRoBERTa
+from scripts import diffusion_train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device_type", "cpu", "--depth", "1", "--max_seq_len", "16", "--device_batch_size", "2",
+        "--eval_every", "-1", "--sample_every", "0", "--eval_tokens", "64", "--bound_samples", "2"]
+LOG_LINE = re.compile(r"^step (\d{5})/(\d+) \| loss (\S+) \(smooth (\S+)\) \| lrm (\d+\.\d\d) \| dt (\d+)ms \| "
+                      r"tok/s ([\d,]+) \| mfu (\d+\.\d\d)% \| eta (\d+h)?\d+m\d\ds$", re.M)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """2 shared cores: more than one intra-op thread makes the tiny matmuls hundreds of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_data_dir, tiny_tokenizer):
+    return ["--data_dir", str(tiny_data_dir), "--tokenizer_dir", str(tiny_tokenizer[1])]
+
+
+def train(*flags):
+    """Run the training script in this process; its stdout as text."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        diffusion_train.main([*TINY, *map(str, flags)])
+    return out.getvalue()
+
+
+def script_env(tmp_path, **extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NANOCHAT_BASE_DIR": str(tmp_path / "base"), **extra}
+
+
+def run_script(tmp_path, *flags, timeout=120, **env):
+    return subprocess.run([sys.executable, "-m", "scripts.diffusion_train", *TINY, *map(str, flags)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=script_env(tmp_path, **env))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def final_state(ckpt_dir, step, model="diffusion", rank=0):
+    model_file = Path(ckpt_dir) / f"{model}_step_{step:06d}.pt"
+    return load(model_file), load(state_path(str(model_file), rank))
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=atol), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """6 uninterrupted steps, checkpoints at 3 and 6, evaluations at 0, 3, 6."""
+    ckpt_dir = tmp_path_factory.mktemp("reference")
+    out = train(*data, "--num_iterations", 6, "--save_every", 3, "--eval_every", 3, "--checkpoint_dir", ckpt_dir)
+    return ckpt_dir, out
+
+
+# --- flags ---------------------------------------------------------------------------------------------
+
+def test_seed_command_lines_and_flags_parse():
+    for argv in (["--depth=4", "--device_batch_size=1", "--num_iterations=100"],  # seed.md's CPU command
+                 ["--num_iterations", "5000", "--depth", "12"], [],
+                 ["--depth=12", "--num_iterations=10000", "--max_seq_len=512", "--total_batch_size=524288"]):
+        diffusion_train.check_args(diffusion_train.get_args(argv))
+    args = diffusion_train.get_args([
+        "--num_iterations", "7", "--depth", "2", "--device_batch_size", "3", "--max_seq_len", "32",
+        "--total_batch_size", "192", "--data_dir", "d", "--objective", "x0", "--schedule", "sqrt", "--embed_dim", "16",
+        "--eval_every", "5", "--eval_tokens", "99", "--sample_every", "-1", "--save_every", "4", "--checkpoint_dir", "c",
+        "--resume", "--run", "r", "--device_type", "cpu", "--compile", "--seed", "3", "--model", "gpt"])
+    assert (args.num_iterations, args.depth, args.device_batch_size, args.max_seq_len, args.total_batch_size) == (7, 2, 3, 32, 192)
+    assert (args.objective, args.schedule, args.embed_dim, args.eval_every, args.eval_tokens) == ("x0", "sqrt", 16, 5, 99)
+    assert (args.sample_every, args.save_every, args.checkpoint_dir, args.resume, args.run) == (-1, 4, "c", True, "r")
+    assert (args.device_type, args.compile, args.seed, args.model, args.data_dir) == ("cpu", True, 3, "gpt", "d")
+    assert diffusion_train.get_args([]).checkpoint_dir == "checkpoints"
+
+
+def test_indivisible_batch_is_one_clear_error(tmp_path):
+    r = run_script(tmp_path, "--total_batch_size", 100, "--data_dir", tmp_path / "nowhere")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --total_batch_size 100 must be a multiple of"), r.stderr
+
+
+def test_noise_seed_is_stable():
+    assert diffusion_train.noise_seed(42, 3, 1) == diffusion_train.noise_seed(42, 3, 1)
+    assert len({diffusion_train.noise_seed(42, s, k) for s in range(10) for k in range(4)}) == 40
+    assert diffusion_train.noise_seed(0, 0, 0) == 177716309065226  # fixed across processes and Python versions
+
+
+# --- DDP -----------------------------------------------------------------------------------------------
+
+def test_ddp_two_gloo_ranks_match_gradient_accumulation(data, tmp_path):
+    steps = ["--num_iterations", 4, "--save_every", -1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "scripts.diffusion_train", *TINY, *data, *map(str, steps), "--checkpoint_dir", str(tmp_path / "ddp")],
+                       cwd=REPO, capture_output=True, text=True, timeout=240, env=script_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "world size 2" in r.stdout and "x 2 ranks x 1 accumulation steps" in r.stdout
+    out = train(*data, *steps, "--total_batch_size", 2 * 2 * 16, "--checkpoint_dir", tmp_path / "accum")
+    assert "x 1 ranks x 2 accumulation steps" in out
+    (ddp_model, ddp_state), (acc_model, acc_state) = final_state(tmp_path / "ddp", 4), final_state(tmp_path / "accum", 4)
+    ddp_losses, acc_losses = torch.tensor(ddp_state["history"]["train"]), torch.tensor(acc_state["history"]["train"])
+    assert ddp_losses.shape == (4, 2)
+    assert torch.allclose(ddp_losses, acc_losses, rtol=1e-5, atol=1e-6), (ddp_losses, acc_losses)
+    assert_same_weights(ddp_model["model"], acc_model["model"], atol=1e-5)
+    assert os.path.isfile(state_path(str(tmp_path / "ddp" / "diffusion_step_000004.pt"), 1))
+
+
+# --- checkpoints and resume ----------------------------------------------------------------------------
+
+def test_log_lines_report_and_checkpoint_format(reference, tiny_tokenizer):
+    ckpt_dir, out = reference
+    lines = LOG_LINE.findall(out)
+    assert [int(m[0]) for m in lines] == [1, 2, 3, 4, 5, 6] and all(m[1] == "6" for m in lines)
+    assert all(torch.isfinite(torch.tensor(float(m[2]))) for m in lines)
+    assert len(re.findall(r"^step \d{5} \| val loss \S+ \| val bpb \S+ ± \S+$", out, re.M)) == 3
+    report = (ckpt_dir / "report.md").read_text()
+    assert "## Final evaluation" in report and "diffusion_curves.png" in report
+    assert (ckpt_dir / "diffusion_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt, state = final_state(ckpt_dir, 6)
+    assert ckpt["step"] == 6 and ckpt["model_type"] == "diffusion" and ckpt["config"]["depth"] == 1
+    assert ckpt["tokenizer"]["identity"] == tiny_tokenizer[0].identity
+    assert ckpt["meta"]["args"]["num_iterations"] == 6
+    assert [e["step"] for e in state["history"]["eval"]] == [0, 3, 6] and len(state["history"]["train"]) == 6
+    model, tokenizer, _ = load_model(str(ckpt_dir / "diffusion_step_000006.pt"))
+    assert tokenizer.identity == tiny_tokenizer[0].identity and model.config.max_seq_len == 16
+
+
+def test_resume_matches_uninterrupted_run_and_skips_incomplete_checkpoints(reference, data, tmp_path):
+    ref_dir, _ = reference
+    for f in glob.glob(str(ref_dir / "diffusion_step_000003*")):
+        shutil.copy(f, tmp_path)
+    shutil.copy(ref_dir / "diffusion_step_000006.pt", tmp_path)  # a model file without its state file: incomplete
+    (tmp_path / "diffusion_step_000009.pt.tmp").write_bytes(b"killed mid-save")
+    (tmp_path / "diffusion_step_000009.state_rank0.pt").write_bytes(b"killed before the model file")
+    assert find_latest(str(tmp_path), "diffusion", 1) == str(tmp_path / "diffusion_step_000003.pt")
+    out = train(*data, "--num_iterations", 6, "--save_every", 3, "--eval_every", 3, "--checkpoint_dir", tmp_path, "--resume")
+    assert "resumed from" in out and "diffusion_step_000003.pt at step 3" in out
+    assert [int(m[0]) for m in LOG_LINE.findall(out)] == [4, 5, 6]
+    (ref_model, ref_state), (res_model, res_state) = final_state(ref_dir, 6), final_state(tmp_path, 6)
+    assert torch.allclose(torch.tensor(res_state["history"]["train"]), torch.tensor(ref_state["history"]["train"]), rtol=1e-6, atol=0)
+    assert [e["step"] for e in res_state["history"]["eval"]] == [0, 3, 6]  # no second evaluation at step 3
+    assert_same_weights(ref_model["model"], res_model["model"], atol=1e-6)
+    assert res_state["loaders"] == ref_state["loaders"]
+
+
+def test_resume_with_another_config_or_nothing_is_a_clear_error(reference, data, tmp_path):
+    ref_dir, _ = reference
+    for f in glob.glob(str(ref_dir / "diffusion_step_*")):
+        shutil.copy(f, tmp_path)
+    with pytest.raises(UserError, match=r"another configuration .*'depth': \(1, 2\)"):
+        train(*data, "--depth", 2, "--num_iterations", 6, "--checkpoint_dir", tmp_path, "--resume")
+    with pytest.raises(UserError, match="written by 1 ranks x 1 accumulation steps"):
+        train(*data, "--total_batch_size", 64, "--num_iterations", 6, "--checkpoint_dir", tmp_path, "--resume")
+    with pytest.raises(UserError, match="no complete diffusion checkpoint"):
+        train(*data, "--num_iterations", 6, "--checkpoint_dir", tmp_path / "empty", "--resume")
+
+
+# --- failures ------------------------------------------------------------------------------------------
+
+class NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("what", ["loss", "grad"])
+def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(what, data, tmp_path, monkeypatch):
+    forward, calls = DiffusionRoBERTa.forward, []
+
+    def poisoned(self, tokens):
+        loss = forward(self, tokens)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 4:  # the 4th training step (step index 3)
+                return loss * float("nan") if what == "loss" else NanGrad.apply(loss)
+        return loss
+
+    monkeypatch.setattr(DiffusionRoBERTa, "forward", poisoned)
+    expect = "the training loss is nan at step 3" if what == "loss" else "the gradient norm is nan at step 3"
+    with pytest.raises(UserError, match=f"{expect}; stopping before the update .*diffusion_step_000002.pt"):
+        train(*data, "--num_iterations", 6, "--save_every", 2, "--checkpoint_dir", tmp_path)
+    assert find_latest(str(tmp_path), "diffusion", 1) == str(tmp_path / "diffusion_step_000002.pt")
+    assert sorted(os.listdir(tmp_path)) == ["diffusion_step_000002.pt", "diffusion_step_000002.state_rank0.pt"]
+    assert all(torch.isfinite(v).all() for v in load(tmp_path / "diffusion_step_000002.pt")["model"].values())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+    cmd = [sys.executable, "-m", "scripts.diffusion_train", *TINY, *data, "--num_iterations", "100000",
+           "--save_every", "-1", "--checkpoint_dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(tmp_path))
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 00003/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err, err
+    step = int(re.search(r"interrupted at step (\d+): saving a checkpoint", out).group(1))
+    assert step >= 3 and f"step {step:05d}/100000" in out and f"step {step + 1:05d}/" not in out
+    assert find_latest(str(tmp_path), "diffusion", 1) == str(tmp_path / f"diffusion_step_{step:06d}.pt")
+    ckpt, state = final_state(tmp_path, step)
+    assert ckpt["step"] == step and len(state["history"]["train"]) == step
+
+
+def test_missing_or_empty_data_dir_names_the_command(tiny_tokenizer, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for data_dir in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(UserError, match=re.escape("python -m nanochat.dataset -n 8")):
+            train("--data_dir", data_dir, "--tokenizer_dir", tiny_tokenizer[1], "--num_iterations", 1, "--checkpoint_dir", tmp_path)
+
+
+def test_missing_tokenizer_is_trained_on_the_data(tiny_data_dir, tmp_path):
+    tok_dir = tmp_path / "tok"
+    out = train("--data_dir", tiny_data_dir, "--tokenizer_dir", tok_dir, "--vocab_size", 300, "--num_iterations", 1,
+                "--checkpoint_dir", tmp_path / "ckpt")
+    assert f"no tokenizer in {tok_dir}: training one with vocab_size 300" in out
+    assert (tok_dir / "tokenizer.json").is_file()
+    assert load(tmp_path / "ckpt" / "diffusion_step_000001.pt")["config"]["vocab_size"] == 300
+
+
+# --- wandb, the GPT baseline, end to end ---------------------------------------------------------------
+
+def test_wandb_offline_run_records_metrics(data, tmp_path):
+    r = run_script(tmp_path, *data, "--num_iterations", 2, "--checkpoint_dir", tmp_path / "ckpt", "--run", "testrun",
+                   WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    logged = b"".join(Path(f).read_bytes() for f in glob.glob(os.path.join(runs[0], "*.wandb")))
+    for key in (b"train/loss", b"train/lrm", b"train/mfu", b"val/bpb", b"testrun"):
+        assert key in logged, key
+
+
+def test_gpt_baseline_trains_with_the_same_loop(data, tmp_path):
+    out = train(*data, "--model", "gpt", "--num_iterations", 3, "--checkpoint_dir", tmp_path)
+    assert out.startswith("gpt: ") and len(LOG_LINE.findall(out)) == 3
+    ckpt = load(tmp_path / "gpt_step_000003.pt")
+    assert ckpt["model_type"] == "gpt" and ckpt["step"] == 3
+    assert (tmp_path / "report_gpt.md").is_file() and (tmp_path / "gpt_curves.png").is_file()
+    assert find_latest(str(tmp_path), "diffusion", 1) is None
+
+
+def test_end_to_end_validation_bpb_falls(data, tmp_path):
+    t0 = time.time()
+    train(*data, "--depth", 2, "--max_seq_len", 64, "--device_batch_size", 8, "--num_iterations", 150, "--eval_every", 75,
+          "--eval_tokens", 2048, "--bound_samples", 4, "--save_every", -1, "--checkpoint_dir", tmp_path)
+    evals = final_state(tmp_path, 150)[1]["history"]["eval"]
+    bpb = [e["val_bpb"] for e in evals]
+    assert [e["step"] for e in evals] == [0, 75, 150]
+    # the same validation batches and noise at every evaluation: a paired comparison
+    assert bpb[-1] < bpb[0] - 0.25 and bpb[-1] < 0.95 * bpb[0], bpb
+    print(f"val bpb {bpb} in {time.time() - t0:.1f}s")
