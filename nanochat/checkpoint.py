@@ -33,7 +33,7 @@ def state_path(path, rank):
 
 
 def save_atomic(obj, path):
-    tmp = path + ".tmp"
+    tmp = os.fspath(path) + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 

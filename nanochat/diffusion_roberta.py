@@ -43,6 +43,7 @@ class DiffusionConfig:
     self_cond_rate: float = 0.5  # fraction of training micro-batches that get a self-conditioning first pass
     cond_rate: float = 0.25  # fraction of training rows with clean prefix / infill tokens (DiffuSeq partial noising)
     bound_samples: int = 32  # timesteps (stratified) per sequence when evaluating the likelihood bound
+    elbo_weight: float = 0.0  # add this times the ELBO-weighted MSE (the bound's diffusion term) to the training loss
     posterior_skip: bool = True  # logits objective: add the exact per-token Gaussian posterior log p(w | z_t) to the logits
 
     def __post_init__(self):
@@ -55,6 +56,7 @@ class DiffusionConfig:
             (self.gamma_min < self.gamma_max, "gamma_min must be below gamma_max"),
             (0 <= self.self_cond_rate <= 1 and 0 <= self.cond_rate <= 1, "rates must lie in [0, 1]"),
             (self.bound_samples >= 1, "bound_samples must be >= 1"),
+            (self.elbo_weight >= 0, "elbo_weight must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -220,6 +222,12 @@ def alpha_sigma(gamma):
     return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
+def per_row(v, like):
+    """A float64 per-row schedule quantity (B,) (kept on the CPU: MPS has no float64) as a float32
+    (B, 1, 1) tensor on like's device, ready to broadcast over (B, T, e)."""
+    return v.float().to(like.device)[:, None, None]
+
+
 def timestep_features(x, dim=256, max_period=10000.0):
     """Sinusoidal features of a scalar per row (B,) -> (B, dim)."""
     half = dim // 2
@@ -303,7 +311,7 @@ class DiffusionRoBERTa(nn.Module):
         T = z.size(1)
         h = self.in_proj(z) + self.self_cond_proj(x0_self_cond) + known[..., None] * self.known_embed
         # normalise gamma to [0, 1000] so that the usual sinusoid frequencies resolve it
-        g = (gamma.float() - self.config.gamma_min) / (self.config.gamma_max - self.config.gamma_min) * 1000
+        g = (gamma.float().to(z.device) - self.config.gamma_min) / (self.config.gamma_max - self.config.gamma_min) * 1000
         cond = self.time_mlp(timestep_features(g).to(h.dtype))
         if self.config.time_cond == "add":
             h, cond = h + cond[:, None, :], None
@@ -323,22 +331,22 @@ class DiffusionRoBERTa(nn.Module):
                 # log p(w | z_t) for a token seen alone is alpha / sigma^2 * z . e_w (+ const, all e_w share a norm):
                 # the network only has to learn what context adds, and at low noise the skip identifies the token
                 alpha, sigma = alpha_sigma(gamma)
-                out = out + (alpha / sigma**2).float()[:, None, None] * (z.float() @ E.t())
+                out = out + per_row(alpha / sigma**2, z) * (z.float() @ E.t())
             logits = out / temperature
             return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
         if self.config.objective == "x0":
             x0 = out
         else:  # eps: invert z = alpha x + sigma eps
-            alpha, sigma = (a.float()[:, None, None] for a in alpha_sigma(gamma))
+            alpha, sigma = (per_row(a, z) for a in alpha_sigma(gamma))
             x0 = (z - sigma * out) / alpha
         return x0, (x0 @ E.t()) / temperature  # all embeddings share a norm: dot product ranks by distance
 
     # --- training ----------------------------------------------------------
 
-    def sample_t(self, batch_size, device):
+    def sample_t(self, batch_size):
         """Stratified uniform timesteps: one per stratum, shuffled across rows (low-variance estimates)."""
-        u = torch.rand((), device=device, dtype=torch.float64)
-        strata = torch.randperm(batch_size, device=device).double()
+        u = torch.rand((), dtype=torch.float64)
+        strata = torch.randperm(batch_size).double()
         return (strata + u) / batch_size
 
     def sample_known(self, batch_size, seq_len, device):
@@ -359,7 +367,7 @@ class DiffusionRoBERTa(nn.Module):
         return conditioned & torch.where(use_prefix, prefix, infill)
 
     def noised(self, x, gamma, known):
-        alpha, sigma = (a.float()[:, None, None] for a in alpha_sigma(gamma))
+        alpha, sigma = (per_row(a, x) for a in alpha_sigma(gamma))
         eps = torch.randn_like(x)
         z = torch.where(known[..., None], x, alpha * x + sigma * eps)
         return z, eps
@@ -377,15 +385,18 @@ class DiffusionRoBERTa(nn.Module):
         """The training loss (a scalar) for a (B, T) batch of token ids."""
         B, T = tokens.shape
         x = F.embedding(tokens, self.embed_matrix())
-        gamma = self.schedule.gamma(self.sample_t(B, tokens.device))
+        gamma, slope = self.schedule.gamma_and_slope(self.sample_t(B))
         known = self.sample_known(B, T, tokens.device)
         z, eps = self.noised(x, gamma, known)
         x0_hat, logits = self.predict_x0(z, gamma, known, self.self_condition(z, gamma, known, x))
         loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
+        if self.config.elbo_weight > 0:  # the per-token diffusion term of nll_bound, at this row's timestep
+            weight = per_row(0.5 * slope * torch.exp(-gamma), x)[..., 0]
+            loss = loss + self.config.elbo_weight * weight * (x - x0_hat).square().sum(-1)
         if self.config.objective == "x0":  # MSE on the regression target, plus the rounding CE above
             loss = loss + (x0_hat - x).square().mean(-1)
         elif self.config.objective == "eps":
-            alpha, sigma = (a.float()[:, None, None] for a in alpha_sigma(gamma))
+            alpha, sigma = (per_row(a, z) for a in alpha_sigma(gamma))
             loss = loss + ((z - alpha * x0_hat) / sigma - eps).square().mean(-1)
         noised = ~known
         return (loss * noised).sum() / noised.sum().clamp(min=1)
@@ -412,13 +423,13 @@ class DiffusionRoBERTa(nn.Module):
         z0 = a0 * x + s0 * torch.randn_like(x)
         recon = F.cross_entropy((z0 @ E.t() * (a0 / s0**2)).flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
         # diffusion: 1/2 E_t[gamma'(t) exp(-gamma(t)) ||x - x0_hat(z_t)||^2]
-        u = torch.rand(B, device=tokens.device, dtype=torch.float64)
+        u = torch.rand(B, dtype=torch.float64)
         diffusion = torch.zeros(B, T, device=tokens.device)
         for k in range(K):
             gamma, slope = self.schedule.gamma_and_slope((u + k) / K)
             z, _ = self.noised(x, gamma, no_known)
             x0_hat, _ = self.predict_x0(z, gamma, no_known, self.self_condition(z, gamma, no_known, x))
-            weight = (0.5 * slope * torch.exp(-gamma)).float()[:, None]
+            weight = per_row(0.5 * slope * torch.exp(-gamma), x)[..., 0]
             diffusion += weight * (x - x0_hat).square().sum(-1)
         return prior + recon + diffusion / K
 
@@ -430,12 +441,12 @@ class DiffusionRoBERTa(nn.Module):
 
     @torch.no_grad()
     def generate(self, num_samples, seq_len, num_steps, temperature=1.0, sampler="ddpm", prompt=None,
-                 known=None, generator=None, clamp=False, return_trajectory=False):
+                 known=None, generator=None, clamp=False, return_trajectory=False, callback=None):
         """Denoise from pure noise in num_steps steps -> (num_samples, seq_len) token ids.
         prompt: token ids that appear unchanged at the start; known: {position: token id} that appear
         unchanged (infilling). temperature divides the logits and scales the ancestral noise; clamp snaps
         each x0 estimate to its nearest token embedding (Diffusion-LM). With return_trajectory, also returns
-        the list of argmax token estimates after every step."""
+        the list of argmax token estimates after every step. callback(step) runs after every step (progress bars)."""
         c = self.config
         known = dict(known or {})
         known.update(enumerate(prompt or []))
@@ -463,7 +474,7 @@ class DiffusionRoBERTa(nn.Module):
         x0_sc, trajectory = torch.zeros_like(z), []
         for i in range(num_steps):
             z = torch.where(known_mask[..., None], x_known, z)
-            gamma = gammas[i].expand(B).to(device)
+            gamma = gammas[i].expand(B)
             x0_hat, logits = self.predict_x0(z, gamma, known_mask, x0_sc if c.self_cond else torch.zeros_like(z), temperature)
             if clamp:
                 x0_hat = F.embedding(logits.argmax(-1), E)
@@ -472,6 +483,8 @@ class DiffusionRoBERTa(nn.Module):
             z = self._step(z, x0_hat, gammas[i], gammas[i + 1], sampler, temperature, generator)
             if return_trajectory:
                 trajectory.append(torch.where(known_mask, known_ids, logits.argmax(-1)))
+            if callback is not None:
+                callback(i)
         tokens = torch.where(known_mask, known_ids, logits.argmax(-1))
         return (tokens, trajectory) if return_trajectory else tokens
 

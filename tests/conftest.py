@@ -10,8 +10,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from nanochat.tokenizer import Tokenizer
+
+# One thread per process: on a 2-core machine, tests that start several processes (torchrun, CLI runs)
+# otherwise oversubscribe the cores and tiny matmuls get ~100x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 SHAKESPEARE_DIR = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare"
 

@@ -1,0 +1,335 @@
+"""
+Compare the diffusion model with an autoregressive GPT of the same shape, trained on the same data for the
+same compute.
+
+    python -m scripts.compare --minutes 10 --depth 8 --max_seq_len 512 --device_batch_size 32
+    python -m scripts.compare --flops 2e17 --diffusion_args "--embed_dim 32 --self_cond 0"
+
+Both models are trained by scripts.diffusion_train (in this process, the GPT first) with the same shape, batch,
+data and seed, each for budget / (its training FLOPs per token x tokens per step) steps. With --minutes the
+budget is what the GPT computes in that many minutes of training on this device (its FLOP/s measured over a
+few real training steps first): both models then get the same FLOPs, not the same time. --diffusion_args
+are extra diffusion_train flags for the diffusion model only (e.g. the winners of an ablation).
+
+Then the trained GPT judges samples of both models, all started from BOS, all num_samples x sample_len:
+the GPT at --gpt_temperatures, the diffusion model at every --sample_steps x --temperatures. A judge trained
+here favours its own samples, and low-entropy (repetitive) samples get a good generative perplexity, so read
+the perplexity next to the unigram entropy; validation text gives the reference point.
+
+Writes to --out_dir: compare.md (the report), compare.json (every number), bpb_vs_flops.png, frontier.png,
+and the two runs' checkpoints and training reports in gpt/ and diffusion/. Single process (one device).
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import time
+from contextlib import nullcontext
+
+import matplotlib.pyplot as plt
+import torch
+
+from nanochat.checkpoint import build_model, checkpoint_path, load_model, state_path
+from nanochat.common import UserError, compute_init, peak_flops, run_main
+from nanochat.dataloader import DataLoader
+from nanochat.diffusion_roberta import SAMPLERS
+from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg backend: no display needed)
+from nanochat.sample_quality import generative_nll, sample_quality
+from nanochat.sampling import decode, generate
+from scripts import diffusion_train
+from scripts.bench import median_times, trainer
+from scripts.diffusion_eval import finite, fmt, sync
+
+EVAL_POINTS = 8  # validation evaluations per run, besides the one at step 0
+
+
+def number_list(cast):
+    return lambda s: [cast(x) for x in s.split(",") if x.strip()]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=float, help="training FLOPs per model")
+    budget.add_argument("--minutes", type=float, help="minutes of GPT training on this device, as a FLOPs budget for both")
+    # the shared shape, batch and data (as in scripts.diffusion_train)
+    a("--depth", type=int, default=12)
+    a("--max_seq_len", type=int, default=1024)
+    a("--device_batch_size", type=int, default=32)
+    a("--total_batch_size", type=int, default=-1, help="tokens per step; -1 = device_batch_size * max_seq_len")
+    a("--data_dir", default=None, help="parquet shards (default: $NANOCHAT_BASE_DIR/base_data)")
+    a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer")
+    a("--eval_tokens", type=int, default=None, help="validation tokens per evaluation (default: diffusion_train's)")
+    a("--diffusion_args", default="", help='extra diffusion_train flags for the diffusion model, e.g. "--embed_dim 32"')
+    a("--out_dir", default="compare_out")
+    # samples
+    a("--num_samples", type=int, default=64, help="samples per setting")
+    a("--sample_len", type=int, default=256, help="tokens per sample, BOS included (capped at max_seq_len)")
+    a("--sample_steps", type=number_list(int), default=[8, 32, 128, 512], help="denoising step counts, comma-separated")
+    a("--temperatures", type=number_list(float), default=[1.0, 0.8, 0.6], help="diffusion sampling temperatures")
+    a("--gpt_temperatures", type=number_list(float), default=[1.0, 0.8], help="GPT sampling temperatures")
+    a("--sampler", choices=SAMPLERS, default="ddpm")
+    a("--sample_batch_size", type=int, default=None, help="samples per generate() call (default: all at once)")
+    a("--num_show", type=int, default=3, help="decoded samples per setting in the report")
+    a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
+    a("--compile", action="store_true", help="torch.compile both models for training")
+    a("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    budget = args.flops if args.flops is not None else args.minutes
+    if not budget > 0:
+        raise UserError("the budget (--flops or --minutes) must be > 0")
+    for name in ("depth", "max_seq_len", "device_batch_size", "num_samples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.sample_len < 2:
+        raise UserError(f"--sample_len must be >= 2 (BOS + at least one token), got {args.sample_len}")
+    if not args.sample_steps or min(args.sample_steps) < 1:
+        raise UserError("--sample_steps needs step counts >= 1, e.g. 8,32,128,512")
+    if not args.temperatures or not args.gpt_temperatures or min(args.temperatures + args.gpt_temperatures) <= 0:
+        raise UserError("--temperatures and --gpt_temperatures need values > 0, e.g. 1.0,0.8")
+
+
+# -----------------------------------------------------------------------------
+# the plan: equal FLOPs
+
+def train_argv(args, model_type, num_iterations):
+    """diffusion_train flags for one run: shared shape, batch, data and seed; evaluations ~EVAL_POINTS times."""
+    argv = ["--model", model_type, "--depth", args.depth, "--max_seq_len", args.max_seq_len,
+            "--device_batch_size", args.device_batch_size, "--total_batch_size", args.total_batch_size,
+            "--num_iterations", num_iterations, "--eval_every", math.ceil(num_iterations / EVAL_POINTS),
+            "--sample_every", 0, "--save_every", -1, "--checkpoint_dir", os.path.join(args.out_dir, model_type),
+            "--seed", args.seed, "--device_type", args.device_type]
+    for flag in ("data_dir", "tokenizer_dir", "eval_tokens"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", getattr(args, flag)]
+    argv += ["--compile"] if args.compile else []
+    argv += shlex.split(args.diffusion_args) if model_type == "diffusion" else []
+    return [str(x) for x in argv]
+
+
+def make_plan(args, device):
+    """Training FLOPs per token of both models, tokens per step, the FLOPs budget and each model's steps."""
+    try:
+        targs = {m: diffusion_train.get_args(train_argv(args, m, 1)) for m in ("gpt", "diffusion")}
+    except SystemExit:  # argparse has printed what is wrong
+        raise UserError(f"--diffusion_args {args.diffusion_args!r}: not valid scripts.diffusion_train flags") from None
+    for a in targs.values():
+        diffusion_train.check_args(a)
+    tokenizer = diffusion_train.prepare_data_and_tokenizer(targs["gpt"], 0, False)  # trains one if missing
+    vocab = tokenizer.get_vocab_size()
+    models = {m: build_model(m, diffusion_train.model_config(a, vocab).to_dict()) for m, a in targs.items()}
+    T = args.max_seq_len
+    flops_per_token = {m: model.flops_per_token(T) for m, model in models.items()}
+    tokens_per_step = args.total_batch_size if args.total_batch_size > 0 else args.device_batch_size * T
+    plan = dict(flops_per_token=flops_per_token, tokens_per_step=tokens_per_step,
+                num_params={m: model.num_params() for m, model in models.items()}, gpt_flops_per_s=None)
+    if args.flops is not None:
+        plan["budget_flops"] = args.flops
+    else:  # the GPT's training FLOP/s on this device, from a few real steps of one micro-batch
+        gpt = models["gpt"].to(device)
+        tokens = torch.randint(0, vocab, (args.device_batch_size, T), device=device)
+        step_s = median_times({"gpt": trainer(gpt, tokens, args.compile)}, 5, 2, device)["gpt"]
+        plan["gpt_flops_per_s"] = flops_per_token["gpt"] * tokens.numel() / step_s
+        plan["budget_flops"] = plan["gpt_flops_per_s"] * args.minutes * 60
+        print(f"GPT training: {plan['gpt_flops_per_s']:.3e} FLOP/s -> {args.minutes} minutes = {plan['budget_flops']:.3e} FLOPs")
+    plan["num_iterations"] = {m: max(1, int(plan["budget_flops"] // (f * tokens_per_step))) for m, f in flops_per_token.items()}
+    return plan, tokenizer
+
+
+def read_run(args, model_type, plan, device, peak):
+    """(model, training results) of a finished run: its evaluations, final bpb, tokens/s and MFU."""
+    path = checkpoint_path(os.path.join(args.out_dir, model_type), model_type, plan["num_iterations"][model_type])
+    model, _, _ = load_model(path, device, expect=model_type)
+    history = torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]
+    final = history["eval"][-1]
+    timed_steps = final["step"] - 1  # diffusion_train leaves the first (warm-up) step out of its time
+    tok_per_s = plan["tokens_per_step"] * timed_steps / final["time"] if final["time"] > 0 else float("nan")
+    return model, dict(checkpoint=path, num_iterations=final["step"], flops=final["flops"], train_seconds=final["time"],
+                       val_bpb=final["val_bpb"], val_bpb_stderr=final["val_bpb_stderr"], val_loss=final["val_loss"],
+                       tokens_per_s=tok_per_s, mfu=plan["flops_per_token"][model_type] * tok_per_s / peak,
+                       evals=history["eval"])
+
+
+# -----------------------------------------------------------------------------
+# samples
+
+def sample_settings(args):
+    settings = [dict(model="gpt", steps=None, temperature=t, label=f"GPT T={t}") for t in args.gpt_temperatures]
+    return settings + [dict(model="diffusion", steps=s, temperature=t, label=f"diffusion {s} steps T={t}")
+                       for s in args.sample_steps for t in args.temperatures]
+
+
+def run_setting(models, setting, args, num_samples, sample_len, bos, device, autocast):
+    """(token ids (num_samples, sample_len) starting with BOS, wall seconds) for one sampling setting."""
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    sync(device)
+    t0 = time.perf_counter()
+    with autocast:
+        ids = generate(models[setting["model"]], setting["model"], num_samples, sample_len, {0: bos},
+                       num_steps=setting["steps"] or 1, temperature=setting["temperature"], sampler=args.sampler,
+                       batch_size=args.sample_batch_size, generator=g)
+    sync(device)
+    return ids, time.perf_counter() - t0
+
+
+def validation_reference(args, tokenizer, judge, sample_len, device, autocast):
+    """The metrics of num_samples blocks of validation text of sample_len tokens (None if the split is smaller)."""
+    try:
+        rows = next(DataLoader(tokenizer, args.num_samples, sample_len, "val", args.data_dir, device=device)).tolist()
+    except StopIteration:
+        return None
+    with autocast:  # the first token is context, as BOS is for the samples: sample_len - 1 tokens scored
+        q = dict(sample_quality([r[1:] for r in rows]), gen_nll=generative_nll(judge, rows))
+    q["gen_ppl"] = math.exp(q["gen_nll"])
+    return dict(label="validation text", **q, examples=[tokenizer.decode(r) for r in rows[:args.num_show]])
+
+
+def evaluate_samples(args, models, tokenizer, device, autocast):
+    sample_len = min(args.sample_len, args.max_seq_len)
+    bos, n_out = tokenizer.get_bos_token_id(), args.num_samples * (sample_len - 1)
+    for model_type in models:  # warm-up, so that no setting pays for it
+        run_setting(models, dict(model=model_type, steps=1, temperature=1.0), args, 1, min(sample_len, 4), bos, device, autocast)
+    results = []
+    for setting in sample_settings(args):
+        print(f"sampling {args.num_samples} x {sample_len} tokens: {setting['label']}")
+        ids, seconds = run_setting(models, setting, args, args.num_samples, sample_len, bos, device, autocast)
+        with autocast:
+            quality = sample_quality([row[1:] for row in ids.tolist()], models["gpt"], bos)
+        results.append(dict(setting, seconds=seconds, tokens_per_s=n_out / seconds, **quality,
+                            examples=[decode(tokenizer, row) for row in ids[:args.num_show].tolist()]))
+    reference = validation_reference(args, tokenizer, models["gpt"], sample_len, device, autocast)
+    gpt_ref = next((r for r in results if r["model"] == "gpt" and r["temperature"] == 1.0), results[0])
+    for r in results + ([reference] if reference else []):
+        r["nll_ratio"] = r["gen_nll"] / gpt_ref["gen_nll"]
+        r["entropy_ratio"] = r["unigram_entropy_nats"] / gpt_ref["unigram_entropy_nats"]
+    return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out, sampler=args.sampler,
+                ratios_relative_to=gpt_ref["label"], settings=results, reference=reference)
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+def plot_bpb(train, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model_type, label in (("gpt", "GPT (exact)"), ("diffusion", "diffusion (upper bound)")):
+        evals = train[model_type]["evals"]
+        ax.errorbar([e["flops"] for e in evals], [e["val_bpb"] for e in evals], yerr=[e["val_bpb_stderr"] for e in evals],
+                    marker="o", capsize=3, label=label)
+    ax.set(xlabel="training FLOPs", ylabel="validation bits per byte", title="validation bits per byte vs training compute")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(samples, path):
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    points = samples["settings"] + ([samples["reference"]] if samples["reference"] else [])
+    for r in points:
+        style = {"gpt": "s", "diffusion": "o"}.get(r.get("model"), "*")
+        color = {"gpt": "tab:blue", "diffusion": "tab:orange"}.get(r.get("model"), "black")
+        ax.scatter(r["unigram_entropy_nats"], r["gen_ppl"], marker=style, color=color, s=120 if style == "*" else 40)
+        ax.annotate(r["label"].replace("diffusion ", "").replace(" steps", "s"), (r["unigram_entropy_nats"], r["gen_ppl"]),
+                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set(xlabel="unigram entropy per sample (nats)", ylabel="generative perplexity (GPT judge)",
+           title="samples: generative perplexity vs entropy (GPT squares, diffusion circles, text star)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tables(result):
+    """The report's tables as markdown lines (also printed as the final summary)."""
+    train, plan = result["train"], result["plan"]
+    lines = ["| model | params | FLOPs/token | steps | training FLOPs | val bpb | tokens/s | MFU | training time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, kind in (("gpt", "exact"), ("diffusion", "bound")):
+        t = train[m]
+        lines.append(f"| {m} | {plan['num_params'][m]:,} | {plan['flops_per_token'][m]:.3e} | {t['num_iterations']} | "
+                     f"{t['flops']:.3e} | {fmt(t['val_bpb'])} ± {fmt(t['val_bpb_stderr'])} ({kind}) | "
+                     f"{fmt(t['tokens_per_s'], ',.0f')} | {fmt(100 * t['mfu'], '.2f')}% | {t['train_seconds']:.1f}s |")
+    lines += ["", f"**diffusion bpb / GPT bpb = {fmt(result['bpb_ratio'], '.3f')}**", ""]
+    s = result["samples"]
+    lines += [f"Samples: {s['num_samples']} x {s['sample_len']} tokens per setting (from BOS, {s['output_tokens']:,} "
+              f"output tokens), diffusion sampler {s['sampler']}; ratios relative to {s['ratios_relative_to']}.", "",
+              "| setting | gen ppl | gen NLL | NLL ratio | unigram entropy | entropy ratio | distinct-2 | repetition (4-gram) "
+              "| sampling seconds | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in s["settings"] + ([s["reference"]] if s["reference"] else []):
+        lines.append(f"| {r['label']} | {fmt(r['gen_ppl'], '.2f')} | {fmt(r['gen_nll'], '.3f')} | {fmt(r['nll_ratio'], '.3f')} | "
+                     f"{fmt(r['unigram_entropy_nats'], '.3f')} | {fmt(r['entropy_ratio'], '.3f')} | "
+                     f"{fmt(r['distinct_2'], '.3f')} | {fmt(r['repetition_rate_4gram'], '.3f')} | "
+                     f"{fmt(r.get('seconds'), '.2f')} | {fmt(r.get('tokens_per_s'), ',.0f')} |")
+    return lines
+
+
+def write_markdown(result, path):
+    plan, s = result["plan"], result["samples"]
+    budget = (f"{plan['budget_flops']:.3e} training FLOPs per model" + (
+        f" (= {result['args']['minutes']} minutes of GPT training at its measured {plan['gpt_flops_per_s']:.3e} FLOP/s)"
+        if plan["gpt_flops_per_s"] else ""))
+    shown = [r for r in s["settings"] if r["model"] == "gpt"][:1] + [r for r in s["settings"] if r["model"] == "diffusion"
+                                                                      and r["steps"] == max(result["args"]["sample_steps"])][:1]
+    lines = [
+        "# Diffusion vs GPT at equal training compute", "",
+        f"- device: {result['device']}, git commit {result['git_commit']}",
+        f"- shape: depth {result['args']['depth']}, max_seq_len {result['args']['max_seq_len']}, "
+        f"{plan['tokens_per_step']:,} tokens per step; same data and seed",
+        f"- budget: {budget}",
+        f"- diffusion_args: `{result['args']['diffusion_args'] or '(none)'}`", "",
+        "## Validation bits per byte vs training compute", "",
+        "The GPT's value is exact; the diffusion model's is an upper bound (the likelihood bound).", "",
+        "![bpb](bpb_vs_flops.png)", "",
+        *tables(result), "",
+        "## Sample quality: generative perplexity vs unigram entropy", "",
+        "The judge is the GPT trained here: it favours its own samples, and repetitive (low-entropy) samples get a low "
+        "perplexity, so compare settings at similar entropy. The validation text is the reference point.", "",
+        "![frontier](frontier.png)", "",
+        "## Samples", "",
+    ]
+    for r in shown + ([s["reference"]] if s["reference"] else []):
+        lines += [f"### {r['label']}", "", *[f"{i + 1}. `{text!r}`" for i, text in enumerate(r["examples"])], ""]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    _, _, _, _, device = compute_init(args.device_type)
+    os.makedirs(args.out_dir, exist_ok=True)
+    plan, tokenizer = make_plan(args, device)
+    for m in ("gpt", "diffusion"):
+        print(f"{m}: {plan['num_iterations'][m]} steps x {plan['tokens_per_step']:,} tokens x "
+              f"{plan['flops_per_token'][m]:.3e} FLOPs/token")
+    for m in ("gpt", "diffusion"):  # the GPT first: it is the judge
+        diffusion_train.main(train_argv(args, m, plan["num_iterations"][m]))
+
+    peak = peak_flops(device)
+    runs = {m: read_run(args, m, plan, device, peak) for m in ("gpt", "diffusion")}
+    models, train = {m: r[0] for m, r in runs.items()}, {m: r[1] for m, r in runs.items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    result = dict(args=vars(args), device=device_name(device), git_commit=git_commit(), peak_flops=peak, plan=plan,
+                  train=train, bpb_ratio=train["diffusion"]["val_bpb"] / train["gpt"]["val_bpb"],
+                  samples=evaluate_samples(args, models, tokenizer, device, autocast))
+
+    plot_bpb(train, os.path.join(args.out_dir, "bpb_vs_flops.png"))
+    plot_frontier(result["samples"], os.path.join(args.out_dir, "frontier.png"))
+    write_markdown(result, os.path.join(args.out_dir, "compare.md"))
+    with open(os.path.join(args.out_dir, "compare.json"), "w", encoding="utf-8") as f:
+        json.dump(finite(result), f, indent=2, ensure_ascii=False)
+    print("\n" + "\n".join(tables(result)))
+    print(f"\nwrote {args.out_dir}/compare.md, compare.json, bpb_vs_flops.png, frontier.png")
+
+
+if __name__ == "__main__":
+    run_main(main)

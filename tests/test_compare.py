@@ -1,0 +1,77 @@
+"""scripts.bench (throughput side by side) and scripts.compare (diffusion vs GPT at equal compute), end to end."""
+import json
+
+import pytest
+
+from nanochat.common import UserError
+from scripts import bench, compare
+
+
+def test_bench_prints_json(capsys):
+    bench.main(["--depth", "1", "--max_seq_len", "32", "--device_batch_size", "2", "--vocab_size", "128", "--steps", "2",
+                "--warmup", "1", "--sample_steps", "2", "--sample_reps", "1", "--device_type", "cpu"])
+    r = json.loads(capsys.readouterr().out)  # stdout holds the JSON object and nothing else
+    names = ["gpt", "diffusion", "diffusion_no_self_cond", "diffusion_self_cond_every_step"]
+    assert r["peak_flops"] > 0 and r["peak_flops_source"].startswith("measured")
+    for key in ("flops_per_token", "train_step_s", "train_tokens_per_s", "mfu"):
+        assert list(r[key]) == names and all(v > 0 for v in r[key].values()), key
+    assert set(r["train_tokens_per_s_ratio"]) == set(names[1:]) and all(v > 0 for v in r["train_tokens_per_s_ratio"].values())
+    assert set(r["sample_tokens_per_s"]) == {"gpt", "diffusion"} and min(r["sample_tokens_per_s"].values()) > 0
+    assert r["sample_tokens_per_s_ratio"] > 0
+    # the self-conditioning pass costs compute: the mix lies between off and every step
+    f = r["flops_per_token"]
+    assert f["gpt"] < f["diffusion_no_self_cond"] < f["diffusion"] < f["diffusion_self_cond_every_step"]
+
+
+def compare_argv(tiny_data_dir, tok_dir, out_dir, *budget):
+    return [*budget, "--depth", "1", "--max_seq_len", "32", "--device_batch_size", "2", "--data_dir", str(tiny_data_dir),
+            "--tokenizer_dir", str(tok_dir), "--out_dir", str(out_dir), "--eval_tokens", "128",
+            "--diffusion_args", "--bound_samples 2", "--num_samples", "2", "--sample_len", "24", "--sample_steps", "2,4",
+            "--temperatures", "1.0,0.7", "--gpt_temperatures", "1.0", "--num_show", "2", "--device_type", "cpu"]
+
+
+def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
+    out = tmp_path / "cmp"
+    compare.main(compare_argv(tiny_data_dir, tiny_tokenizer[1], out, "--flops", "1.5e8"))
+    for name in ("compare.md", "compare.json", "bpb_vs_flops.png", "frontier.png"):
+        assert (out / name).stat().st_size > 0, name
+    r = json.loads((out / "compare.json").read_text())
+    plan = r["plan"]
+    assert plan["budget_flops"] == 1.5e8 and plan["tokens_per_step"] == 64
+    assert plan["flops_per_token"]["gpt"] < plan["flops_per_token"]["diffusion"]
+    for m in ("gpt", "diffusion"):  # the same FLOPs: as many steps as fit in the budget, and the runs did them
+        n = plan["num_iterations"][m]
+        assert n == int(1.5e8 // (plan["flops_per_token"][m] * 64)) >= 2
+        t = r["train"][m]
+        assert t["num_iterations"] == n and t["flops"] <= 1.5e8 < t["flops"] + plan["flops_per_token"][m] * 64
+        assert t["val_bpb"] > 0 and t["tokens_per_s"] > 0 and t["mfu"] > 0
+        assert len(t["evals"]) >= min(n + 1, 6) and t["evals"][0]["step"] == 0 and t["evals"][-1]["step"] == n
+    assert r["bpb_ratio"] == pytest.approx(r["train"]["diffusion"]["val_bpb"] / r["train"]["gpt"]["val_bpb"])
+    s = r["samples"]
+    assert [x["label"] for x in s["settings"]] == ["GPT T=1.0", "diffusion 2 steps T=1.0", "diffusion 2 steps T=0.7",
+                                                  "diffusion 4 steps T=1.0", "diffusion 4 steps T=0.7"]
+    assert s["output_tokens"] == 2 * 23
+    for x in s["settings"] + [s["reference"]]:
+        assert x["gen_ppl"] > 1 and x["unigram_entropy_nats"] > 0 and 0 <= x["repetition_rate_4gram"] <= 1
+        assert 0 < x["distinct_2"] <= 1 and x["nll_ratio"] > 0 and x["entropy_ratio"] > 0 and len(x["examples"]) == 2
+    assert s["settings"][0]["nll_ratio"] == 1.0 and all(x["tokens_per_s"] > 0 for x in s["settings"])
+    md = (out / "compare.md").read_text()
+    for text in ("![bpb](bpb_vs_flops.png)", "![frontier](frontier.png)", "diffusion bpb / GPT bpb", "### GPT T=1.0",
+                 "### diffusion 4 steps T=1.0", "### validation text", "| diffusion 2 steps T=0.7 |"):
+        assert text in md, text
+
+
+def test_compare_minutes_budget(tiny_data_dir, tiny_tokenizer, tmp_path):
+    """--minutes: the GPT's measured FLOP/s times the minutes is the budget, shared by both models."""
+    args = compare.get_args(compare_argv(tiny_data_dir, tiny_tokenizer[1], tmp_path, "--minutes", "0.5"))
+    plan, tokenizer = compare.make_plan(args, compare.torch.device("cpu"))
+    assert plan["gpt_flops_per_s"] > 0 and plan["budget_flops"] == pytest.approx(plan["gpt_flops_per_s"] * 30)
+    for m, f in plan["flops_per_token"].items():
+        assert plan["num_iterations"][m] == max(1, int(plan["budget_flops"] // (f * 64)))
+
+
+@pytest.mark.parametrize("bad", [["--flops", "0"], ["--minutes", "1", "--sample_steps", "0,8"],
+                                 ["--flops", "1e9", "--temperatures", "0"], ["--flops", "1e9", "--sample_len", "1"]])
+def test_compare_bad_flags(bad):
+    with pytest.raises(UserError):
+        compare.main(bad)
