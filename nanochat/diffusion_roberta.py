@@ -43,7 +43,7 @@ class DiffusionConfig:
     self_cond_rate: float = 0.5  # fraction of training micro-batches that get a self-conditioning first pass
     cond_rate: float = 0.25  # fraction of training rows with clean prefix / infill tokens (DiffuSeq partial noising)
     bound_samples: int = 32  # timesteps (stratified) per sequence when evaluating the likelihood bound
-    elbo_weight: float = 0.0  # add this times the ELBO-weighted MSE (the bound's diffusion term) to the training loss
+    elbo_weight: float = 1.0  # add this times the ELBO-weighted MSE (the bound's diffusion term) to the training loss
     posterior_skip: bool = True  # logits objective: add the exact per-token Gaussian posterior log p(w | z_t) to the logits
 
     def __post_init__(self):
