@@ -116,7 +116,7 @@ def peak_flops(device):
                 return flops
         print0(f"note: unknown GPU {name!r}, assuming A100 peak 312e12 FLOP/s for MFU")
         return 312e12
-    n, reps = 1024, 3
+    n, reps = 2048, 5  # best of several: a busy machine only ever makes a matmul slower
     sync = torch.mps.synchronize if device.type == "mps" else (lambda: None)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
