@@ -18,7 +18,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "DIFFUSION_README.md")
-PLACEHOLDER = "Filled in from the measured runs (see the closing note of issue 8)."
 
 
 def bash_blocks(doc):
@@ -179,4 +178,4 @@ def test_diffusion_readme_sections():
         assert any(h.startswith(needed) for h in headings), needed
     for section in ("Measured comparison with the GPT", "Ablations"):
         body = re.search(rf"^## {section}\n(.*?)(?=^## |\Z)", text, re.S | re.M).group(1)
-        assert body.strip() == PLACEHOLDER, section
+        assert "\n|---" in body and "ablate.sh" in body + text, f"{section}: a table of measured numbers"

@@ -29,15 +29,6 @@ from tests.conftest import make_tiny_shards
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and far faster than on several when cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tiny_data_dir, tiny_tokenizer, tmp_path_factory):
     """Tiny diffusion and gpt checkpoints trained by the training script (depth 1, max_seq_len 32)."""

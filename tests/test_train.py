@@ -28,15 +28,6 @@ LOG_LINE = re.compile(r"^step (\d{5})/(\d+) \| loss (\S+) \(smooth (\S+)\) \| lr
                       r"tok/s ([\d,]+) \| mfu (\d+\.\d\d)% \| eta (\d+h)?\d+m\d\ds$", re.M)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: more than one intra-op thread makes the tiny matmuls hundreds of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tiny_data_dir, tiny_tokenizer):
     return ["--data_dir", str(tiny_data_dir), "--tokenizer_dir", str(tiny_tokenizer[1])]
