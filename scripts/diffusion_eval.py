@@ -10,9 +10,15 @@ tokens are read from the val split, at most --eval_tokens of them (fewer when th
 number used is reported). Sample quality is measured on --num_samples samples of --sample_len tokens, each
 started from BOS; generative perplexity needs an autoregressive judge (--judge, a gpt checkpoint with the
 same tokenizer). Metric definitions: nanochat/sample_quality.py.
+
+For a diffusion checkpoint, "context gain by noise level" compares, at --context_levels noise levels spread
+over the model's log-SNR range, the model's cross-entropy on the first validation batch with that of the best
+denoiser that sees each token alone (unigram prior from the train split x the token's own Gaussian
+likelihood). Where the gain is near zero the model has learned nothing about context at that noise level.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -25,7 +31,7 @@ from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, peak_flops, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.diffusion_roberta import SAMPLERS
-from nanochat.evaluate import evaluate_bpb, evaluate_loss
+from nanochat.evaluate import context_gain, evaluate_bpb, evaluate_loss, unigram_log_prior
 from nanochat.sample_quality import load_judge, sample_quality
 from nanochat.sampling import decode, generate
 
@@ -44,6 +50,7 @@ def get_args(argv=None):
     a("--sample_steps", type=int, default=128, help="denoising steps per sample")
     a("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)}")
     a("--temperature", type=float, default=1.0)
+    a("--context_levels", type=int, default=7, help="noise levels for the context-gain table (diffusion only; 0 = skip)")
     a("--judge", default=None, help="gpt checkpoint for generative perplexity (same tokenizer)")
     a("--output", default=None, help="also write the results to this JSON file")
     a("--seed", type=int, default=42)
@@ -55,7 +62,7 @@ def check_args(args):
     for name in ("eval_tokens", "batch_size", "sample_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("throughput_steps", "num_samples"):
+    for name in ("throughput_steps", "num_samples", "context_levels"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.bound_samples is not None and args.bound_samples < 1:
@@ -125,6 +132,15 @@ def sample_throughput(model, model_type, args, sample_len, bos, device, autocast
     return ids, args.num_samples * (sample_len - 1) / dt
 
 
+def measure_context_gain(model, tokenizer, args, tokens, device, prior_tokens=2**20):
+    c = model.config
+    train = DataLoader(tokenizer, tokens.size(0), tokens.size(1), "train", args.data_dir, device=device)
+    log_prior = unigram_log_prior(itertools.islice(train, max(1, prior_tokens // tokens.numel())), c.vocab_size)
+    levels = args.context_levels
+    gammas = [c.gamma_min + (c.gamma_max - c.gamma_min) * i / max(levels - 1, 1) for i in range(levels)]
+    return context_gain(model, tokens, log_prior, gammas, seed=args.seed)
+
+
 def fmt(x, spec=".4f"):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -162,6 +178,9 @@ def print_table(r):
             ("generative perplexity (judge)", "skipped (no --judge)" if q["gen_ppl"] is None else
              f"{q['gen_ppl']:.2f} (nll {q['gen_nll']:.3f} nats/token)"),
         ]
+    for row in r["context_gain"] or []:
+        rows.append((f"CE at gamma {row['gamma']:+.2f}: model / token alone", f"{row['model_ce']:.3f} / "
+                     f"{row['no_context_ce']:.3f} nats (context gain {row['gain']:+.3f})"))
     width = max(len(name) for name, _ in rows)
     print(f"\n{kind} checkpoint {r['checkpoint']} (step {r['step']}) on {r['device']}")
     print("-" * (width + 40))
@@ -200,7 +219,11 @@ def main(argv=None):
                   config=model.config.to_dict(), num_params=model.num_params(),
                   val=dict(loss=loss, bpb=bpb["bpb"], bpb_stderr=bpb["stderr"], tokens=read,
                            tokens_requested=args.eval_tokens, split_exhausted=exhausted),
-                  train_throughput=None, sampling=None, sample_quality=None, samples=[])
+                  train_throughput=None, sampling=None, sample_quality=None, samples=[], context_gain=None)
+
+    if args.context_levels and model_type == "diffusion":
+        print("measuring context gain by noise level")
+        result["context_gain"] = measure_context_gain(model, tokenizer, args, batches[0], device)
 
     if args.throughput_steps:
         print("measuring training throughput")

@@ -184,8 +184,12 @@ def test_eval_diffusion_with_judge(ckpts, tiny_data_dir, tmp_path, capsys):
     q = r["sample_quality"]
     assert 0 < q["unigram_entropy_nats"] <= math.log(31) and 0 < q["distinct_1"] <= 1 and 0 <= q["repetition_rate_4gram"] <= 1
     assert q["gen_ppl"] == pytest.approx(math.exp(q["gen_nll"])) and len(r["samples"]) == 4
+    gains = r["context_gain"]
+    assert [g["gamma"] for g in gains] == pytest.approx(torch.linspace(-3, 6, 7).tolist())
+    assert all(g["gain"] == pytest.approx(g["no_context_ce"] - g["model_ce"]) and g["model_ce"] >= 0 for g in gains)
+    assert gains[-1]["no_context_ce"] > gains[0]["no_context_ce"]  # more noise, less known from the token alone
     for label in ("validation bpb (likelihood bound)", "training throughput", "sampling throughput", "distinct-1",
-                  "generative perplexity"):
+                  "generative perplexity", "context gain"):
         assert label in screen
 
 
@@ -203,6 +207,7 @@ def test_eval_verbatim_small_split_and_gpt(ckpts, tmp_path, capsys):
                          "--num_samples", "2", "--throughput_steps", "0", "--output", str(out)])
     r = json.loads(out.read_text())
     assert r["model_type"] == "gpt" and r["sampling"]["sampler"] == "autoregressive" and r["train_throughput"] is None
+    assert r["context_gain"] is None
     assert "validation bpb (exact)" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
