@@ -331,8 +331,8 @@ class DiffusionRoBERTa(nn.Module):
                 # log p(w | z_t) for a token seen alone is alpha / sigma^2 * z . e_w (+ const, all e_w share a norm):
                 # the network only has to learn what context adds, and at low noise the skip identifies the token
                 alpha, sigma = alpha_sigma(gamma)
-                out = out + per_row(alpha / sigma**2, z) * (z.float() @ E.t())
-            logits = out / temperature
+                out = out + (per_row(alpha / sigma**2, z) * z.float()) @ E.t()  # scaled in e dims, not V: cheaper
+            logits = out if temperature == 1 else out / temperature
             return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
         if self.config.objective == "x0":
             x0 = out
