@@ -42,9 +42,11 @@ class DiffusionConfig:
     self_cond: bool = True  # feed the previous estimate of x0 back in (Chen et al., Analog Bits)
     self_cond_rate: float = 0.5  # fraction of training micro-batches that get a self-conditioning first pass
     cond_rate: float = 0.25  # fraction of training rows with clean prefix / infill tokens (DiffuSeq partial noising)
+    token_noise_rate: float = 0.0  # fraction of training rows whose tokens get independent noise levels (needs time_cond add)
     bound_samples: int = 32  # timesteps (stratified) per sequence when evaluating the likelihood bound
     elbo_weight: float = 1.0  # add this times the ELBO-weighted MSE (the bound's diffusion term) to the training loss
     posterior_skip: bool = True  # logits objective: add the exact per-token Gaussian posterior log p(w | z_t) to the logits
+    posterior_input: bool = False  # feed the network p(w | z_t) @ W_in, a soft lookup in a full V x d input table
 
     def __post_init__(self):
         checks = [
@@ -54,7 +56,8 @@ class DiffusionConfig:
             (self.depth >= 1 and self.vocab_size >= 2 and self.max_seq_len >= 1 and self.embed_dim >= 1, "sizes must be positive"),
             (self.model_dim % self.head_dim == 0, f"model_dim {self.model_dim} must be a multiple of head_dim {self.head_dim}"),
             (self.gamma_min < self.gamma_max, "gamma_min must be below gamma_max"),
-            (0 <= self.self_cond_rate <= 1 and 0 <= self.cond_rate <= 1, "rates must lie in [0, 1]"),
+            (all(0 <= r <= 1 for r in (self.self_cond_rate, self.cond_rate, self.token_noise_rate)), "rates must lie in [0, 1]"),
+            (self.token_noise_rate == 0 or self.time_cond == "add", "token_noise_rate > 0 needs time_cond 'add' (a noise level per token)"),
             (self.bound_samples >= 1, "bound_samples must be >= 1"),
             (self.elbo_weight >= 0, "elbo_weight must be >= 0"),
         ]
@@ -223,16 +226,17 @@ def alpha_sigma(gamma):
 
 
 def per_row(v, like):
-    """A float64 per-row schedule quantity (B,) (kept on the CPU: MPS has no float64) as a float32
-    (B, 1, 1) tensor on like's device, ready to broadcast over (B, T, e)."""
-    return v.float().to(like.device)[:, None, None]
+    """A float64 schedule quantity per row (B,) or per token (B, T) (kept on the CPU: MPS has no float64) as a
+    float32 (B, 1, 1) or (B, T, 1) tensor on like's device, ready to broadcast over (B, T, e)."""
+    v = v.float().to(like.device)
+    return v[:, None, None] if v.dim() == 1 else v[..., None]
 
 
 def timestep_features(x, dim=256, max_period=10000.0):
-    """Sinusoidal features of a scalar per row (B,) -> (B, dim)."""
+    """Sinusoidal features of a scalar per row (B,) or per token (B, T) -> (..., dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
-    angles = x.float()[:, None] * freqs[None]
+    angles = x.float()[..., None] * freqs
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
@@ -247,6 +251,8 @@ class DiffusionRoBERTa(nn.Module):
         self.schedule = NoiseSchedule(config.schedule, config.gamma_min, config.gamma_max)
         self.embedding = nn.Embedding(config.vocab_size, e)  # normalised in embed_matrix(): no collapse, no blow-up
         self.in_proj = nn.Linear(e, d, bias=False)
+        # input embeddings with a GPT's capacity (V x d), looked up softly by each token's posterior (Bayesian flow networks)
+        self.input_embedding = nn.Embedding(config.vocab_size, d) if config.posterior_input else None
         self.self_cond_proj = nn.Linear(e, d, bias=False)  # zero-init: self-conditioning starts as a no-op
         self.known_embed = nn.Parameter(torch.zeros(d))  # marks clean (prompt / infill) positions
         self.time_mlp = nn.Sequential(nn.Linear(256, d, bias=False), nn.SiLU(), nn.Linear(d, d, bias=False))
@@ -261,6 +267,8 @@ class DiffusionRoBERTa(nn.Module):
     def init_weights(self):
         init_transformer_weights(self)
         nn.init.normal_(self.embedding.weight, std=1.0)
+        if self.input_embedding is not None:
+            nn.init.normal_(self.input_embedding.weight, std=1.0)
         nn.init.zeros_(self.self_cond_proj.weight)
         nn.init.zeros_(self.head.weight)
 
@@ -272,7 +280,7 @@ class DiffusionRoBERTa(nn.Module):
     def matmul_params(self):
         """Parameters that cost 2 FLOPs per token in the forward pass (not the embedding lookup, and not the
         time MLP / adaLN, which run once per sequence)."""
-        per_sequence = {"embedding", "time_mlp", "modulation", "known_embed"}
+        per_sequence = {"embedding", "input_embedding", "time_mlp", "modulation", "known_embed"}
         return sum(p.numel() for n, p in self.named_parameters() if not per_sequence & set(n.split(".")))
 
     def flops_per_token(self, seq_len=None):
@@ -282,8 +290,12 @@ class DiffusionRoBERTa(nn.Module):
         c = self.config
         T = seq_len or c.max_seq_len
         n = self.matmul_params()
-        if c.objective == "logits":
-            n += c.vocab_size * c.embed_dim * (1 + c.posterior_skip)
+        if c.posterior_skip or c.posterior_input:  # the evidence z @ E^T
+            n += c.vocab_size * c.embed_dim
+        if c.posterior_input:  # p(w | z_t) @ W_in
+            n += c.vocab_size * c.model_dim
+        if c.objective == "logits":  # softmax(logits) @ E
+            n += c.vocab_size * c.embed_dim
         attn = 4 * c.depth * c.model_dim * T
         flops = 6 * n + 3 * attn
         if c.self_cond:
@@ -293,7 +305,7 @@ class DiffusionRoBERTa(nn.Module):
     def param_groups(self):
         """Hidden matrices go to Muon; embeddings, head, projections and scalars go to AdamW."""
         matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.") and ".modulation." not in n]
-        embedding = [self.embedding.weight]
+        embedding = [self.embedding.weight] + ([self.input_embedding.weight] if self.input_embedding is not None else [])
         head = [self.head.weight]
         taken = {id(p) for p in matrix + embedding + head}
         other = [p for p in self.parameters() if id(p) not in taken]
@@ -305,16 +317,19 @@ class DiffusionRoBERTa(nn.Module):
         """Token embeddings on a sphere of radius sqrt(embed_dim): unit variance per coordinate."""
         return F.normalize(self.embedding.weight.float(), dim=-1) * math.sqrt(self.config.embed_dim)
 
-    def denoise(self, z, gamma, known, x0_self_cond):
-        """One network evaluation: noisy embeddings z (B,T,e), noise level gamma (B,), clean-position mask
-        known (B,T), the previous x0 estimate (B,T,e) -> head output (B,T,vocab or e)."""
+    def denoise(self, z, gamma, known, x0_self_cond, posterior=None):
+        """One network evaluation: noisy embeddings z (B,T,e), noise level gamma (B,) or (B,T), clean-position mask
+        known (B,T), the previous x0 estimate (B,T,e), each token's posterior p(w | z_t) (B,T,V) when
+        posterior_input -> head output (B,T,vocab or e)."""
         T = z.size(1)
         h = self.in_proj(z) + self.self_cond_proj(x0_self_cond) + known[..., None] * self.known_embed
+        if self.input_embedding is not None:
+            h = h + posterior.to(h.dtype) @ self.input_embedding.weight.to(h.dtype)
         # normalise gamma to [0, 1000] so that the usual sinusoid frequencies resolve it
         g = (gamma.float().to(z.device) - self.config.gamma_min) / (self.config.gamma_max - self.config.gamma_min) * 1000
         cond = self.time_mlp(timestep_features(g).to(h.dtype))
         if self.config.time_cond == "add":
-            h, cond = h + cond[:, None, :], None
+            h, cond = h + (cond[:, None, :] if cond.dim() == 2 else cond), None
         else:
             cond = F.silu(cond)
         cos_sin = (self.rope_cos[:, :T], self.rope_sin[:, :T])
@@ -324,17 +339,22 @@ class DiffusionRoBERTa(nn.Module):
 
     def predict_x0(self, z, gamma, known, x0_self_cond, temperature=1.0):
         """Denoise and express the result as (x0_hat (B,T,e), logits (B,T,V)), whatever the objective."""
-        out = self.denoise(z, gamma, known, x0_self_cond).float()
-        E = self.embed_matrix()
-        if self.config.objective == "logits":
-            if self.config.posterior_skip:
-                # log p(w | z_t) for a token seen alone is alpha / sigma^2 * z . e_w (+ const, all e_w share a norm):
-                # the network only has to learn what context adds, and at low noise the skip identifies the token
-                alpha, sigma = alpha_sigma(gamma)
-                out = out + (per_row(alpha / sigma**2, z) * z.float()) @ E.t()  # scaled in e dims, not V: cheaper
+        c, E = self.config, self.embed_matrix()
+        evidence = None
+        if c.posterior_skip or c.posterior_input:
+            # log p(w | z_t) for a token seen alone is alpha / sigma^2 * z . e_w (+ const, all e_w share a norm);
+            # clean (known) positions get a sharp posterior: their z is exactly their embedding
+            alpha, sigma = alpha_sigma(gamma)
+            scale = torch.where(known[..., None], 100.0, per_row(alpha / sigma**2, z))
+            evidence = (scale * z.float()) @ E.t()  # scaled in e dims, not V: cheaper
+        posterior = torch.softmax(evidence, dim=-1) if c.posterior_input else None
+        out = self.denoise(z, gamma, known, x0_self_cond, posterior).float()
+        if c.objective == "logits":
+            if c.posterior_skip:  # the network only has to learn what context adds; at low noise the skip identifies the token
+                out = out + evidence
             logits = out if temperature == 1 else out / temperature
             return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
-        if self.config.objective == "x0":
+        if c.objective == "x0":
             x0 = out
         else:  # eps: invert z = alpha x + sigma eps
             alpha, sigma = (per_row(a, z) for a in alpha_sigma(gamma))
@@ -343,11 +363,18 @@ class DiffusionRoBERTa(nn.Module):
 
     # --- training ----------------------------------------------------------
 
-    def sample_t(self, batch_size):
-        """Stratified uniform timesteps: one per stratum, shuffled across rows (low-variance estimates)."""
+    def sample_t(self, batch_size, seq_len):
+        """Stratified uniform timesteps: one per stratum, shuffled across rows (low-variance estimates), (B,).
+        With token_noise_rate > 0, (B, T): that fraction of the rows get an independent uniform timestep per
+        token (as in Diffusion Forcing), so that the network also sees targets whose context is cleaner than they
+        are: the signal a masked or autoregressive LM learns language from."""
         u = torch.rand((), dtype=torch.float64)
         strata = torch.randperm(batch_size).double()
-        return (strata + u) / batch_size
+        t = (strata + u) / batch_size
+        if self.config.token_noise_rate == 0:
+            return t
+        independent = torch.rand(batch_size, 1) < self.config.token_noise_rate
+        return torch.where(independent, torch.rand(batch_size, seq_len, dtype=torch.float64), t[:, None])
 
     def sample_known(self, batch_size, seq_len, device):
         """Clean positions for conditional training: on cond_rate of the rows, either a prefix (prompt
@@ -385,7 +412,7 @@ class DiffusionRoBERTa(nn.Module):
         """The training loss (a scalar) for a (B, T) batch of token ids."""
         B, T = tokens.shape
         x = F.embedding(tokens, self.embed_matrix())
-        gamma, slope = self.schedule.gamma_and_slope(self.sample_t(B))
+        gamma, slope = self.schedule.gamma_and_slope(self.sample_t(B, T))
         known = self.sample_known(B, T, tokens.device)
         z, eps = self.noised(x, gamma, known)
         x0_hat, logits = self.predict_x0(z, gamma, known, self.self_condition(z, gamma, known, x))

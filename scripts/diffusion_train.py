@@ -58,9 +58,11 @@ def get_args(argv=None):
     a("--self_cond", type=int, choices=[0, 1], default=int(D.self_cond))
     a("--self_cond_rate", type=float, default=D.self_cond_rate)
     a("--cond_rate", type=float, default=D.cond_rate, help="fraction of rows trained with clean prompt/infill tokens")
+    a("--token_noise_rate", type=float, default=D.token_noise_rate, help="fraction of rows with a noise level per token (needs --time_cond add)")
     a("--bound_samples", type=int, default=D.bound_samples, help="timesteps per sequence for the likelihood bound")
     a("--elbo_weight", type=float, default=D.elbo_weight, help="weight of the ELBO-weighted MSE added to the loss")
     a("--posterior_skip", type=int, choices=[0, 1], default=int(D.posterior_skip), help="add log p(w | z_t) of each token alone to the logits")
+    a("--posterior_input", type=int, choices=[0, 1], default=int(D.posterior_input), help="feed p(w | z_t) @ W_in (a V x d input table) to the network")
     # data
     a("--data_dir", default=None, help="folder of parquet shards (default: $NANOCHAT_BASE_DIR/base_data, downloaded if empty)")
     a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer (trained on the data if missing)")
@@ -111,8 +113,8 @@ def model_config(args, vocab_size):
             vocab_size=vocab_size, depth=args.depth, max_seq_len=args.max_seq_len, embed_dim=args.embed_dim,
             objective=args.objective, schedule=args.schedule, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
             time_cond=args.time_cond, self_cond=bool(args.self_cond), self_cond_rate=args.self_cond_rate,
-            cond_rate=args.cond_rate, bound_samples=args.bound_samples,
-            posterior_skip=bool(args.posterior_skip), elbo_weight=args.elbo_weight)
+            cond_rate=args.cond_rate, token_noise_rate=args.token_noise_rate, bound_samples=args.bound_samples,
+            posterior_skip=bool(args.posterior_skip), posterior_input=bool(args.posterior_input), elbo_weight=args.elbo_weight)
     except ValueError as e:
         raise UserError(f"bad model settings: {e}") from None
 

@@ -73,10 +73,11 @@ def test_truncated_schedule_endpoints_and_slope(name):
     assert torch.allclose(slope, numeric, rtol=1e-4)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_objective_overfits_one_batch(objective):
+@pytest.mark.parametrize("objective,extra", [(o, {}) for o in OBJECTIVES] + [
+    ("logits", dict(posterior_input=True)), ("logits", dict(time_cond="add", token_noise_rate=1.0))])
+def test_objective_overfits_one_batch(objective, extra):
     torch.manual_seed(0)
-    model = DiffusionRoBERTa(tiny_config(objective=objective))
+    model = DiffusionRoBERTa(tiny_config(objective=objective, **extra))
     tokens = torch.randint(0, 32, (4, 16))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -202,6 +203,21 @@ def test_flops_and_params():
     assert model.flops_per_token(16) == 6 * (n + 2 * 32 * 8) + 12 * 2 * 128 * 16  # + softmax @ E and the skip
     sc = DiffusionRoBERTa(tiny_config(depth=2, self_cond=True, self_cond_rate=0.5))
     assert sc.flops_per_token(16) > model.flops_per_token(16)
+    pi = DiffusionRoBERTa(tiny_config(depth=2, self_cond=False, posterior_input=True))
+    assert pi.flops_per_token(16) == model.flops_per_token(16) + 6 * 32 * 128  # + posterior @ W_in (V x d)
+
+
+def test_token_noise_gives_rows_a_noise_level_per_token():
+    model = DiffusionRoBERTa(tiny_config(time_cond="add", token_noise_rate=0.5))
+    torch.manual_seed(0)
+    t = model.sample_t(64, 16)
+    per_token = (t != t[:, :1]).any(1)
+    assert t.shape == (64, 16) and 0.25 < per_token.float().mean() < 0.75  # about half the rows
+    strata = (t[~per_token, 0] * 64).floor()
+    assert strata.unique().numel() == strata.numel()  # rows with one level keep their stratified timesteps
+    assert DiffusionRoBERTa(tiny_config()).sample_t(8, 16).shape == (8,)
+    with pytest.raises(ValueError, match="time_cond 'add'"):
+        tiny_config(token_noise_rate=0.5)
 
 
 def test_context_gain_detects_learned_context():
