@@ -46,7 +46,10 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
         assert t["num_iterations"] == n and t["flops"] <= 1.5e8 < t["flops"] + plan["flops_per_token"][m] * 64
         assert t["val_bpb"] > 0 and t["tokens_per_s"] > 0 and t["mfu"] > 0
         assert len(t["evals"]) >= min(n + 1, 6) and t["evals"][0]["step"] == 0 and t["evals"][-1]["step"] == n
+        best = min(t["evals"], key=lambda e: e["val_bpb"])
+        assert t["best_val_bpb"] == best["val_bpb"] <= t["val_bpb"] and t["best_step"] == best["step"]
     assert r["bpb_ratio"] == pytest.approx(r["train"]["diffusion"]["val_bpb"] / r["train"]["gpt"]["val_bpb"])
+    assert r["best_bpb_ratio"] == pytest.approx(r["train"]["diffusion"]["best_val_bpb"] / r["train"]["gpt"]["best_val_bpb"])
     s = r["samples"]
     assert [x["label"] for x in s["settings"]] == ["GPT T=1.0", "diffusion 2 steps T=1.0", "diffusion 2 steps T=0.7",
                                                   "diffusion 4 steps T=1.0", "diffusion 4 steps T=0.7"]
@@ -56,7 +59,7 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
         assert 0 < x["distinct_2"] <= 1 and x["nll_ratio"] > 0 and x["entropy_ratio"] > 0 and len(x["examples"]) == 2
     assert s["settings"][0]["nll_ratio"] == 1.0 and all(x["tokens_per_s"] > 0 for x in s["settings"])
     md = (out / "compare.md").read_text()
-    for text in ("![bpb](bpb_vs_flops.png)", "![frontier](frontier.png)", "diffusion bpb / GPT bpb", "### GPT T=1.0",
+    for text in ("![bpb](bpb_vs_flops.png)", "![frontier](frontier.png)", "diffusion bpb / GPT bpb", "between the best values", "### GPT T=1.0",
                  "### diffusion 4 steps T=1.0", "### validation text", "| diffusion 2 steps T=0.7 |"):
         assert text in md, text
 
