@@ -50,6 +50,7 @@ def get_args(argv=None):
     a("--sample_steps", type=int, default=128, help="denoising steps per sample")
     a("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)}")
     a("--temperature", type=float, default=1.0)
+    a("--clamp", action="store_true", help="snap every x0 estimate to its nearest token embedding while sampling")
     a("--context_levels", type=int, default=7, help="noise levels for the context-gain table (diffusion only; 0 = skip)")
     a("--judge", default=None, help="gpt checkpoint for generative perplexity (same tokenizer)")
     a("--output", default=None, help="also write the results to this JSON file")
@@ -120,7 +121,7 @@ def train_throughput(model, batch, steps, device, autocast):
 def sample_throughput(model, model_type, args, sample_len, bos, device, autocast):
     """(generated token ids (num_samples, sample_len), generated tokens/s excluding the BOS prompt)."""
     g = torch.Generator(device=device).manual_seed(args.seed)
-    kw = dict(num_steps=args.sample_steps, temperature=args.temperature, sampler=args.sampler,
+    kw = dict(num_steps=args.sample_steps, temperature=args.temperature, sampler=args.sampler, clamp=args.clamp,
               batch_size=args.batch_size, generator=g)
     with autocast:
         generate(model, model_type, 1, min(sample_len, 4), {0: bos}, **{**kw, "num_steps": 1})  # warm-up
@@ -169,7 +170,7 @@ def print_table(r):
     if s is None:
         rows.append(("sampling / sample quality", "skipped (--num_samples 0)"))
     else:
-        how = "autoregressive" if kind == "gpt" else f"{s['steps']} {s['sampler']} steps"
+        how = "autoregressive" if kind == "gpt" else f"{s['steps']} {s['sampler']} steps" + (", clamped" if s["clamp"] else "")
         rows += [
             (f"sampling throughput ({how})", f"{s['tokens_per_s']:,.0f} tok/s ({s['num_samples']} x {s['sample_len']} tokens)"),
             ("unigram entropy (nats, mean per sample)", fmt(q["unigram_entropy_nats"], ".3f")),
@@ -235,7 +236,7 @@ def main(argv=None):
         result["sampling"] = dict(tokens_per_s=tok_per_s, num_samples=args.num_samples, sample_len=sample_len,
                                   steps=None if model_type == "gpt" else args.sample_steps,
                                   sampler="autoregressive" if model_type == "gpt" else args.sampler,
-                                  temperature=args.temperature)
+                                  temperature=args.temperature, clamp=args.clamp)
         with autocast:
             result["sample_quality"] = dict(sample_quality(samples, judge, bos), judge=args.judge)
         result["samples"] = [decode(tokenizer, row) for row in ids.tolist()]

@@ -197,10 +197,11 @@ def test_eval_verbatim_small_split_and_gpt(ckpts, tmp_path, capsys):
     data = make_tiny_shards(tmp_path / "data", num_shards=2, docs_per_group=4)  # a val split far below 2^20 tokens
     out = tmp_path / "eval.json"
     diffusion_eval.main(["--checkpoint", str(ckpts["diffusion"]), "--eval_tokens", "1048576", "--data_dir", str(data),
-                         "--bound_samples", "2", "--sample_steps", "4", "--throughput_steps", "1", "--output", str(out)])
+                         "--bound_samples", "2", "--sample_steps", "4", "--throughput_steps", "1", "--clamp", "--output", str(out)])
     screen = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert r["val"]["split_exhausted"] and 0 < r["val"]["tokens"] < 1048576
+    assert r["sampling"]["clamp"] and "4 ddpm steps, clamped" in screen
     assert "the val split is smaller" in screen and "skipped (no --judge)" in screen
     assert r["sample_quality"]["gen_ppl"] is None and r["sampling"]["num_samples"] == 32
     diffusion_eval.main(["--checkpoint", str(ckpts["gpt"]), "--eval_tokens", "512", "--data_dir", str(data),
