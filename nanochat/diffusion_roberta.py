@@ -337,16 +337,17 @@ class DiffusionRoBERTa(nn.Module):
             h = block(h, cos_sin, cond)
         return self.head(norm(h))
 
+    def token_evidence(self, z, gamma, known, E):
+        """log p(w | z_t) of each token seen alone, (B,T,V): alpha / sigma^2 * z . e_w (+ a constant, as all e_w
+        share a norm). Clean (known) positions get a sharp posterior: their z is exactly their embedding."""
+        alpha, sigma = alpha_sigma(gamma)
+        scale = torch.where(known[..., None], 100.0, per_row(alpha / sigma**2, z))
+        return (scale * z.float()) @ E.t()  # scaled in e dims, not V: cheaper
+
     def predict_x0(self, z, gamma, known, x0_self_cond, temperature=1.0):
         """Denoise and express the result as (x0_hat (B,T,e), logits (B,T,V)), whatever the objective."""
         c, E = self.config, self.embed_matrix()
-        evidence = None
-        if c.posterior_skip or c.posterior_input:
-            # log p(w | z_t) for a token seen alone is alpha / sigma^2 * z . e_w (+ const, all e_w share a norm);
-            # clean (known) positions get a sharp posterior: their z is exactly their embedding
-            alpha, sigma = alpha_sigma(gamma)
-            scale = torch.where(known[..., None], 100.0, per_row(alpha / sigma**2, z))
-            evidence = (scale * z.float()) @ E.t()  # scaled in e dims, not V: cheaper
+        evidence = self.token_evidence(z, gamma, known, E) if c.posterior_skip or c.posterior_input else None
         posterior = torch.softmax(evidence, dim=-1) if c.posterior_input else None
         out = self.denoise(z, gamma, known, x0_self_cond, posterior).float()
         if c.objective == "logits":

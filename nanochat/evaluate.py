@@ -10,8 +10,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.diffusion_roberta import alpha_sigma, per_row
-
 
 def _all_reduce_sum(t):
     if dist.is_available() and dist.is_initialized():
@@ -80,8 +78,7 @@ def context_gain(model, tokens, log_prior, gammas, seed=0):
         gamma = torch.full((B,), float(g), dtype=torch.float64)
         z, _ = model.noised(x, gamma, no_known)
         _, logits = model.predict_x0(z, gamma, no_known, model.self_condition(z, gamma, no_known, x))
-        alpha, sigma = alpha_sigma(gamma)
-        alone = prior + per_row(alpha / sigma**2, z) * (z.float() @ E.t())
+        alone = prior + model.token_evidence(z, gamma, no_known, E)
         ce = [F.cross_entropy(l.float().flatten(0, 1), tokens.flatten()).item() for l in (logits, alone)]
         rows.append(dict(gamma=float(g), model_ce=ce[0], no_context_ce=ce[1], gain=ce[1] - ce[0]))
     return rows

@@ -137,8 +137,7 @@ def measure_context_gain(model, tokenizer, args, tokens, device, prior_tokens=2*
     c = model.config
     train = DataLoader(tokenizer, tokens.size(0), tokens.size(1), "train", args.data_dir, device=device)
     log_prior = unigram_log_prior(itertools.islice(train, max(1, prior_tokens // tokens.numel())), c.vocab_size)
-    levels = args.context_levels
-    gammas = [c.gamma_min + (c.gamma_max - c.gamma_min) * i / max(levels - 1, 1) for i in range(levels)]
+    gammas = torch.linspace(c.gamma_min, c.gamma_max, args.context_levels).tolist()
     return context_gain(model, tokens, log_prior, gammas, seed=args.seed)
 
 
