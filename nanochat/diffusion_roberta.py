@@ -25,6 +25,7 @@ OBJECTIVES = ("logits", "x0", "eps")
 SCHEDULES = ("cosine", "linear", "sqrt")
 SAMPLERS = ("ddpm", "ddim")
 TIME_CONDS = ("adaln", "add")
+WARP_BINS, WARP_FLOOR, WARP_DECAY = 32, 0.2, 0.99  # time warp: t bins, share of uniform sampling, decay per step
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DiffusionConfig:
     elbo_weight: float = 1.0  # add this times the ELBO-weighted MSE (the bound's diffusion term) to the training loss
     posterior_skip: bool = True  # logits objective: add the exact per-token Gaussian posterior log p(w | z_t) to the logits
     posterior_input: bool = False  # feed the network p(w | z_t) @ W_in, a soft lookup in a full V x d input table
+    time_warp: bool = False  # sample training timesteps where the cross-entropy changes fastest (CDCD's learned time warping)
 
     def __post_init__(self):
         checks = [
@@ -262,6 +264,10 @@ class DiffusionRoBERTa(nn.Module):
         cos, sin = rotary_cos_sin(config.max_seq_len, config.head_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if config.time_warp:  # decayed CE sums and counts per t bin; they travel with the weights (checkpoints, resume)
+            prior = torch.linspace(0, math.log(config.vocab_size), WARP_BINS + 1, dtype=torch.float64)[1:]
+            self.register_buffer("warp_sums", torch.stack([prior, torch.ones_like(prior)]))  # one pseudo-token per bin
+            self.warp_stats = torch.zeros(2, WARP_BINS, dtype=torch.float64)  # CE sums and counts since the last update
         self.init_weights()
 
     def init_weights(self):
@@ -365,17 +371,49 @@ class DiffusionRoBERTa(nn.Module):
     # --- training ----------------------------------------------------------
 
     def sample_t(self, batch_size, seq_len):
-        """Stratified uniform timesteps: one per stratum, shuffled across rows (low-variance estimates), (B,).
-        With token_noise_rate > 0, (B, T): that fraction of the rows get an independent uniform timestep per
-        token (as in Diffusion Forcing), so that the network also sees targets whose context is cleaner than they
-        are: the signal a masked or autoregressive LM learns language from."""
+        """Training timesteps and their density relative to uniform (for the ELBO term's importance weight).
+        Stratified: one per stratum, shuffled across rows (low-variance estimates), (B,). With token_noise_rate > 0,
+        (B, T): that fraction of the rows get an independent timestep per token (as in Diffusion Forcing), so that the
+        network also sees targets whose context is cleaner than they are: the signal a masked or autoregressive LM
+        learns language from. With time_warp, u in [0, 1) is mapped through the learned warp (see warp_density)."""
         u = torch.rand((), dtype=torch.float64)
         strata = torch.randperm(batch_size).double()
-        t = (strata + u) / batch_size
-        if self.config.token_noise_rate == 0:
-            return t
-        independent = torch.rand(batch_size, 1) < self.config.token_noise_rate
-        return torch.where(independent, torch.rand(batch_size, seq_len, dtype=torch.float64), t[:, None])
+        u = (strata + u) / batch_size
+        if self.config.token_noise_rate > 0:
+            independent = torch.rand(batch_size, 1) < self.config.token_noise_rate
+            u = torch.where(independent, torch.rand(batch_size, seq_len, dtype=torch.float64), u[:, None])
+        if not self.config.time_warp:
+            return u, torch.ones_like(u)
+        q = self.warp_density()
+        cdf = torch.cumsum(q, 0)
+        k = torch.searchsorted(cdf, u, right=True).clamp(max=WARP_BINS - 1)
+        start = cdf[k] - q[k]
+        t = (k + ((u - start) / q[k]).clamp(0, 1)) / WARP_BINS
+        return t, q[k] * WARP_BINS
+
+    def warp_density(self):
+        """(WARP_BINS,) probabilities of the t bins: in proportion to how much the mean training cross-entropy grows
+        across each bin (a histogram of CDCD's learned warp: the steps go where the loss changes with the noise level,
+        not where the skip alone identifies every token or where nothing is left to see), mixed with WARP_FLOOR of
+        uniform so that every noise level keeps being trained. Uniform until the first update."""
+        sums = self.warp_sums.cpu()
+        curve = torch.cummax(sums[0] / sums[1], 0).values
+        growth = torch.diff(curve, prepend=curve.new_zeros(1))
+        return (1 - WARP_FLOOR) * growth / growth.sum() + WARP_FLOOR / WARP_BINS
+
+    @torch.compiler.disable
+    def record_warp(self, t, ce, noised):
+        """Add the cross-entropies (B, T) of the noised tokens, at their timesteps t (B,) or (B, T), to warp_stats."""
+        noised, t = noised.cpu(), t if t.dim() == 2 else t[:, None]
+        bins = (t * WARP_BINS).long().clamp(max=WARP_BINS - 1).expand_as(noised)[noised]
+        self.warp_stats[0].index_add_(0, bins, ce.detach().double().cpu()[noised])
+        self.warp_stats[1].index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
+
+    def update_time_warp(self, stats):
+        """Fold stats (warp_stats, summed over micro-batches and ranks by the training loop, so that every rank makes
+        the same update) into the decayed sums, then clear warp_stats."""
+        self.warp_sums.mul_(WARP_DECAY).add_(stats.to(self.warp_sums.device))
+        self.warp_stats.zero_()
 
     def sample_known(self, batch_size, seq_len, device):
         """Clean positions for conditional training: on cond_rate of the rows, either a prefix (prompt
@@ -413,20 +451,23 @@ class DiffusionRoBERTa(nn.Module):
         """The training loss (a scalar) for a (B, T) batch of token ids."""
         B, T = tokens.shape
         x = F.embedding(tokens, self.embed_matrix())
-        gamma, slope = self.schedule.gamma_and_slope(self.sample_t(B, T))
+        t, density = self.sample_t(B, T)
+        gamma, slope = self.schedule.gamma_and_slope(t)
         known = self.sample_known(B, T, tokens.device)
         z, eps = self.noised(x, gamma, known)
         x0_hat, logits = self.predict_x0(z, gamma, known, self.self_condition(z, gamma, known, x))
         loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
-        if self.config.elbo_weight > 0:  # the per-token diffusion term of nll_bound, at this row's timestep
-            weight = per_row(0.5 * slope * torch.exp(-gamma), x)[..., 0]
+        noised = ~known
+        if self.config.time_warp and self.training:
+            self.record_warp(t, loss, noised)
+        if self.config.elbo_weight > 0:  # the per-token diffusion term of nll_bound at this timestep, importance-weighted
+            weight = per_row(0.5 * slope * torch.exp(-gamma) / density, x)[..., 0]
             loss = loss + self.config.elbo_weight * weight * (x - x0_hat).square().sum(-1)
         if self.config.objective == "x0":  # MSE on the regression target, plus the rounding CE above
             loss = loss + (x0_hat - x).square().mean(-1)
         elif self.config.objective == "eps":
             alpha, sigma = (per_row(a, z) for a in alpha_sigma(gamma))
             loss = loss + ((z - alpha * x0_hat) / sigma - eps).square().mean(-1)
-        noised = ~known
         return (loss * noised).sum() / noised.sum().clamp(min=1)
 
     # --- the likelihood bound ----------------------------------------------

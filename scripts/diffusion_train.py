@@ -40,6 +40,9 @@ from nanochat.report import write_report
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 D = DiffusionConfig()  # defaults shown in --help
+# The diffusion head only learns what context adds to the posterior skip, a signal weak enough that the GPT's head
+# learning rate mostly adds noise to the logits (DIFFUSION_README, "Ablations": 2.889 -> 2.857 at 500 steps).
+HEAD_LR = {"gpt": 0.004, "diffusion": 0.001}
 
 
 def get_args(argv=None):
@@ -63,6 +66,7 @@ def get_args(argv=None):
     a("--elbo_weight", type=float, default=D.elbo_weight, help="weight of the ELBO-weighted MSE added to the loss")
     a("--posterior_skip", type=int, choices=[0, 1], default=int(D.posterior_skip), help="add log p(w | z_t) of each token alone to the logits")
     a("--posterior_input", type=int, choices=[0, 1], default=int(D.posterior_input), help="feed p(w | z_t) @ W_in (a V x d input table) to the network")
+    a("--time_warp", type=int, choices=[0, 1], default=int(D.time_warp), help="sample training timesteps where the loss changes fastest (CDCD)")
     # data
     a("--data_dir", default=None, help="folder of parquet shards (default: $NANOCHAT_BASE_DIR/base_data, downloaded if empty)")
     a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer (trained on the data if missing)")
@@ -74,7 +78,7 @@ def get_args(argv=None):
     a("--total_batch_size", type=int, default=-1, help="tokens per step; -1 = device_batch_size * max_seq_len * world_size")
     a("--matrix_lr", type=float, default=0.02, help="Muon, hidden matrices")
     a("--embedding_lr", type=float, default=0.2, help="AdamW, token embeddings")
-    a("--head_lr", type=float, default=0.004, help="AdamW, output head")
+    a("--head_lr", type=float, default=None, help="AdamW, output head (default: 0.001 for diffusion, 0.004 for the gpt)")
     a("--other_lr", type=float, default=0.004, help="AdamW, projections, time MLP, adaLN")
     a("--warmup_ratio", type=float, default=0.0)
     a("--warmdown_ratio", type=float, default=0.2)
@@ -114,7 +118,8 @@ def model_config(args, vocab_size):
             objective=args.objective, schedule=args.schedule, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
             time_cond=args.time_cond, self_cond=bool(args.self_cond), self_cond_rate=args.self_cond_rate,
             cond_rate=args.cond_rate, token_noise_rate=args.token_noise_rate, bound_samples=args.bound_samples,
-            posterior_skip=bool(args.posterior_skip), posterior_input=bool(args.posterior_input), elbo_weight=args.elbo_weight)
+            posterior_skip=bool(args.posterior_skip), posterior_input=bool(args.posterior_input), elbo_weight=args.elbo_weight,
+            time_warp=bool(args.time_warp))
     except ValueError as e:
         raise UserError(f"bad model settings: {e}") from None
 
@@ -220,7 +225,8 @@ def train(args, ddp, rank, world_size, device):
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args.model, config.to_dict()).to(device)
-    optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, args.head_lr, args.other_lr)
+    head_lr = HEAD_LR[args.model] if args.head_lr is None else args.head_lr
+    optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, head_lr, args.other_lr)
     start_step, loader_states, history, total_time = 0, [None] * grad_accum, {"train": [], "eval": []}, 0.0
     if args.resume:
         start_step, loader_states, history, total_time = resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_accum)
@@ -333,6 +339,11 @@ def train(args, ddp, rank, world_size, device):
             train_loss = loss_sum / (grad_accum * world_size)
             if not math.isfinite(train_loss):
                 raise nonfinite("the training loss", train_loss)
+            if getattr(raw_model.config, "time_warp", False):  # every rank learns the same warp from every slot's losses
+                warp_stats = raw_model.warp_stats.to(device)
+                if ddp:
+                    dist.all_reduce(warp_stats)
+                raw_model.update_time_warp(warp_stats.cpu())
             if args.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
                 if not math.isfinite(grad_norm):

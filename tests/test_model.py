@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanochat.diffusion_roberta import (
-    OBJECTIVES, SCHEDULES, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, apply_rotary, rotary_cos_sin,
+    OBJECTIVES, SCHEDULES, WARP_BINS, WARP_FLOOR, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, apply_rotary, rotary_cos_sin,
 )
 
 
@@ -210,14 +210,42 @@ def test_flops_and_params():
 def test_token_noise_gives_rows_a_noise_level_per_token():
     model = DiffusionRoBERTa(tiny_config(time_cond="add", token_noise_rate=0.5))
     torch.manual_seed(0)
-    t = model.sample_t(64, 16)
+    t, _ = model.sample_t(64, 16)
     per_token = (t != t[:, :1]).any(1)
     assert t.shape == (64, 16) and 0.25 < per_token.float().mean() < 0.75  # about half the rows
     strata = (t[~per_token, 0] * 64).floor()
     assert strata.unique().numel() == strata.numel()  # rows with one level keep their stratified timesteps
-    assert DiffusionRoBERTa(tiny_config()).sample_t(8, 16).shape == (8,)
+    assert DiffusionRoBERTa(tiny_config()).sample_t(8, 16)[0].shape == (8,)
     with pytest.raises(ValueError, match="time_cond 'add'"):
         tiny_config(token_noise_rate=0.5)
+
+
+def test_time_warp_samples_where_the_loss_grows_and_keeps_the_elbo_unbiased():
+    model = DiffusionRoBERTa(tiny_config(time_warp=True))
+    q = model.warp_density()
+    assert torch.allclose(q, torch.full((WARP_BINS,), 1 / WARP_BINS, dtype=torch.float64))  # uniform before any data
+    # every bin observed once, the cross-entropy jumping from 0 to 3 across bins 8..11
+    ce = torch.where(torch.arange(WARP_BINS) < 8, 0.0, torch.where(torch.arange(WARP_BINS) < 12, 1.0 * (torch.arange(WARP_BINS) - 7), 4.0))
+    t_seen = (torch.arange(WARP_BINS) + 0.5) / WARP_BINS
+    model.train()
+    for _ in range(600):  # long enough for the pseudo-counts of the initial (uniform) curve to fade
+        model.record_warp(t_seen, ce[:, None].expand(-1, 4), torch.ones(WARP_BINS, 4, dtype=torch.bool))
+        model.update_time_warp(model.warp_stats.clone())
+    assert model.warp_stats.abs().sum() == 0
+    q = model.warp_density()
+    steep = slice(8, 12)
+    assert q[steep].sum() > 0.75 and torch.allclose(q[:8], torch.full((8,), WARP_FLOOR / WARP_BINS, dtype=torch.float64), rtol=0.05)
+    torch.manual_seed(0)
+    t, density = model.sample_t(20000, 4)
+    hist = torch.bincount((t * WARP_BINS).long(), minlength=WARP_BINS).double() / t.numel()
+    assert torch.allclose(hist, q, atol=0.01)
+    assert torch.allclose(density, q[(t * WARP_BINS).long()] * WARP_BINS)
+    # the importance weight 1 / density makes the ELBO term's expectation that of uniform t
+    f = lambda t: torch.exp(3 * t)
+    assert abs((f(t) / density).mean().item() - (math.e**3 - 1) / 3) < 0.05
+    # only noised tokens are recorded
+    model.record_warp(torch.tensor([0.1, 0.9]), torch.ones(2, 3), torch.tensor([[True, False, False], [True, True, True]]))
+    assert model.warp_stats[1].sum() == 4 and model.warp_stats[1, int(0.9 * WARP_BINS)] == 3
 
 
 def test_context_gain_detects_learned_context():

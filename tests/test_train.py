@@ -108,8 +108,9 @@ def test_noise_seed_is_stable():
 
 # --- DDP -----------------------------------------------------------------------------------------------
 
-def test_ddp_two_gloo_ranks_match_gradient_accumulation(data, tmp_path):
-    steps = ["--num_iterations", 4, "--save_every", -1]
+@pytest.mark.parametrize("extra", [[], ["--time_warp", 1]], ids=["default", "time_warp"])
+def test_ddp_two_gloo_ranks_match_gradient_accumulation(extra, data, tmp_path):
+    steps = ["--num_iterations", 4, "--save_every", -1, *extra]  # with the warp, its learned curve must match too
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "scripts.diffusion_train", *TINY, *data, *map(str, steps), "--checkpoint_dir", str(tmp_path / "ddp")],
                        cwd=REPO, capture_output=True, text=True, timeout=240, env=script_env(tmp_path))
