@@ -265,9 +265,10 @@ class DiffusionRoBERTa(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if config.time_warp:  # decayed CE sums and counts per t bin; they travel with the weights (checkpoints, resume)
-            prior = torch.linspace(0, math.log(config.vocab_size), WARP_BINS + 1, dtype=torch.float64)[1:]
+            prior = torch.linspace(0, math.log(config.vocab_size), WARP_BINS + 1)[1:]  # float32: MPS has no float64
             self.register_buffer("warp_sums", torch.stack([prior, torch.ones_like(prior)]))  # one pseudo-token per bin
-            self.warp_stats = torch.zeros(2, WARP_BINS, dtype=torch.float64)  # CE sums and counts since the last update
+            # CE sums and counts since the last update, on the model's device (no host copy per micro-batch)
+            self.register_buffer("warp_stats", torch.zeros(2, WARP_BINS), persistent=False)
         self.init_weights()
 
     def init_weights(self):
@@ -396,7 +397,7 @@ class DiffusionRoBERTa(nn.Module):
         across each bin (a histogram of CDCD's learned warp: the steps go where the loss changes with the noise level,
         not where the skip alone identifies every token or where nothing is left to see), mixed with WARP_FLOOR of
         uniform so that every noise level keeps being trained. Uniform until the first update."""
-        sums = self.warp_sums.cpu()
+        sums = self.warp_sums.double().cpu()
         curve = torch.cummax(sums[0] / sums[1], 0).values
         growth = torch.diff(curve, prepend=curve.new_zeros(1))
         return (1 - WARP_FLOOR) * growth / growth.sum() + WARP_FLOOR / WARP_BINS
@@ -404,15 +405,15 @@ class DiffusionRoBERTa(nn.Module):
     @torch.compiler.disable
     def record_warp(self, t, ce, noised):
         """Add the cross-entropies (B, T) of the noised tokens, at their timesteps t (B,) or (B, T), to warp_stats."""
-        noised, t = noised.cpu(), t if t.dim() == 2 else t[:, None]
+        t = (t if t.dim() == 2 else t[:, None]).to(noised.device)
         bins = (t * WARP_BINS).long().clamp(max=WARP_BINS - 1).expand_as(noised)[noised]
-        self.warp_stats[0].index_add_(0, bins, ce.detach().double().cpu()[noised])
-        self.warp_stats[1].index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
+        self.warp_stats[0].index_add_(0, bins, ce.detach().float()[noised])
+        self.warp_stats[1].index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32))
 
-    def update_time_warp(self, stats):
-        """Fold stats (warp_stats, summed over micro-batches and ranks by the training loop, so that every rank makes
-        the same update) into the decayed sums, then clear warp_stats."""
-        self.warp_sums.mul_(WARP_DECAY).add_(stats.to(self.warp_sums.device))
+    def update_time_warp(self):
+        """Fold warp_stats (summed over micro-batches, and over ranks by the training loop, so that every rank makes
+        the same update) into the decayed sums, then clear them."""
+        self.warp_sums.mul_(WARP_DECAY).add_(self.warp_stats)
         self.warp_stats.zero_()
 
     def sample_known(self, batch_size, seq_len, device):

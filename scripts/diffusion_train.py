@@ -340,10 +340,9 @@ def train(args, ddp, rank, world_size, device):
             if not math.isfinite(train_loss):
                 raise nonfinite("the training loss", train_loss)
             if getattr(raw_model.config, "time_warp", False):  # every rank learns the same warp from every slot's losses
-                warp_stats = raw_model.warp_stats.to(device)
                 if ddp:
-                    dist.all_reduce(warp_stats)
-                raw_model.update_time_warp(warp_stats.cpu())
+                    dist.all_reduce(raw_model.warp_stats)
+                raw_model.update_time_warp()
             if args.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
                 if not math.isfinite(grad_norm):

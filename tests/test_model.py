@@ -230,7 +230,7 @@ def test_time_warp_samples_where_the_loss_grows_and_keeps_the_elbo_unbiased():
     model.train()
     for _ in range(600):  # long enough for the pseudo-counts of the initial (uniform) curve to fade
         model.record_warp(t_seen, ce[:, None].expand(-1, 4), torch.ones(WARP_BINS, 4, dtype=torch.bool))
-        model.update_time_warp(model.warp_stats.clone())
+        model.update_time_warp()
     assert model.warp_stats.abs().sum() == 0
     q = model.warp_density()
     steep = slice(8, 12)
