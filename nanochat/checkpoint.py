@@ -3,6 +3,7 @@ Checkpoints: plain tensors, numbers and strings only, so that they load with tor
 
     {checkpoint_dir}/{model_type}_step_{step:06d}.pt              weights, config, tokenizer, step, metadata
     {checkpoint_dir}/{model_type}_step_{step:06d}.state_rank{r}.pt  optimizer + dataloader state of rank r
+    {checkpoint_dir}/{model_type}_best.pt                          weights at the lowest validation bpb so far
 
 The tokenizer travels inside the checkpoint (its ranks as text), so a checkpoint is self-contained.
 Every file is written to a temporary name and renamed; the model file is written last, so a checkpoint
@@ -26,6 +27,10 @@ MODEL_TYPES = {"diffusion": (DiffusionConfig, DiffusionRoBERTa), "gpt": (GPTConf
 
 def checkpoint_path(checkpoint_dir, model_type, step):
     return os.path.join(checkpoint_dir, f"{model_type}_step_{step:06d}.pt")
+
+
+def best_path(checkpoint_dir, model_type):
+    return os.path.join(checkpoint_dir, f"{model_type}_best.pt")
 
 
 def state_path(path, rank):

@@ -11,13 +11,16 @@ budget is what the GPT computes in that many minutes of training on this device 
 few real training steps first): both models then get the same FLOPs, not the same time. --diffusion_args
 are extra diffusion_train flags for the diffusion model only (e.g. the winners of an ablation).
 
-Then the trained GPT judges samples of both models, all started from BOS, all num_samples x sample_len:
-the GPT at --gpt_temperatures, the diffusion model at every --sample_steps x --temperatures. A judge trained
-here favours its own samples, and low-entropy (repetitive) samples get a good generative perplexity, so read
+Then each model is taken at its best validation point (early stopping: {model}_best.pt, which on a small
+corpus is not the end of the run, where the GPT has overfit) and the GPT judges samples of both, all started
+from BOS, all num_samples x sample_len: the GPT at --gpt_temperatures, the diffusion model at every
+--sample_steps x --temperatures. A judge trained here favours its own samples, and low-entropy (repetitive) samples get a good generative perplexity, so read
 the perplexity next to the unigram entropy; validation text gives the reference point.
 
 Writes to --out_dir: compare.md (the report), compare.json (every number), bpb_vs_flops.png, frontier.png,
 and the two runs' checkpoints and training reports in gpt/ and diffusion/. Single process (one device).
+--reuse skips the training of a model whose run in --out_dir is finished with the very same flags (e.g. to
+rerun only the diffusion half with new --diffusion_args).
 """
 
 import argparse
@@ -31,7 +34,7 @@ from contextlib import nullcontext
 import matplotlib.pyplot as plt
 import torch
 
-from nanochat.checkpoint import build_model, checkpoint_path, load_model, state_path
+from nanochat.checkpoint import best_path, build_model, checkpoint_path, load_model, read_checkpoint, state_path
 from nanochat.common import UserError, compute_init, peak_flops, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.diffusion_roberta import SAMPLERS
@@ -77,6 +80,7 @@ def get_args(argv=None):
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
     a("--compile", action="store_true", help="torch.compile both models for training")
     a("--seed", type=int, default=42)
+    a("--reuse", action="store_true", help="keep a model's finished run in --out_dir if it had the same flags")
     return p.parse_args(argv)
 
 
@@ -142,15 +146,28 @@ def make_plan(args, device):
     return plan, tokenizer
 
 
-def read_run(args, model_type, plan, device, peak):
-    """(model, training results) of a finished run: its evaluations, final bpb, tokens/s and MFU."""
+def finished_run(args, model_type, plan):
+    """The final checkpoint of this model's run in --out_dir if that run is complete and had the same flags, else None."""
     path = checkpoint_path(os.path.join(args.out_dir, model_type), model_type, plan["num_iterations"][model_type])
-    model, _, _ = load_model(path, device, expect=model_type)
+    if not (os.path.isfile(path) and os.path.isfile(state_path(path, 0))):
+        return None
+    wanted = vars(diffusion_train.get_args(train_argv(args, model_type, plan["num_iterations"][model_type])))
+    return path if read_checkpoint(path)["meta"].get("args") == wanted else None
+
+
+def read_run(args, model_type, plan, device, peak):
+    """(model at its best validation point, training results): evaluations, final and best bpb, tokens/s, MFU."""
+    path = checkpoint_path(os.path.join(args.out_dir, model_type), model_type, plan["num_iterations"][model_type])
+    best_file = best_path(os.path.dirname(path), model_type)
+    model, _, best_ckpt = load_model(best_file, device, expect=model_type)
     history = torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]
     final = history["eval"][-1]
     best = min(history["eval"], key=lambda e: e["val_bpb"])  # a small corpus: the GPT can overfit before the end
     timed_steps = final["step"] - 1  # diffusion_train leaves the first (warm-up) step out of its time
     tok_per_s = plan["tokens_per_step"] * timed_steps / final["time"] if final["time"] > 0 else float("nan")
+    if best_ckpt["step"] != best["step"]:
+        raise UserError(f"{best_file} is from step {best_ckpt['step']}, the run's best is step {best['step']}: "
+                        f"it comes from another run; use a fresh --out_dir")
     return model, dict(checkpoint=path, num_iterations=final["step"], flops=final["flops"], train_seconds=final["time"],
                        val_bpb=final["val_bpb"], val_bpb_stderr=final["val_bpb_stderr"], val_loss=final["val_loss"],
                        best_val_bpb=best["val_bpb"], best_step=best["step"],
@@ -294,7 +311,8 @@ def write_markdown(result, path):
         "![bpb](bpb_vs_flops.png)", "",
         *tables(result), "",
         "## Sample quality: generative perplexity vs unigram entropy", "",
-        "The judge is the GPT trained here: it favours its own samples, and repetitive (low-entropy) samples get a low "
+        "Both models are sampled at their best validation step (early stopping). "
+        "The judge is the GPT trained here, at its best step: it favours its own samples, and repetitive (low-entropy) samples get a low "
         "perplexity, so compare settings at similar entropy. The validation text is the reference point.", "",
         "![frontier](frontier.png)", "",
         "## Samples", "",
@@ -317,7 +335,10 @@ def main(argv=None):
         print(f"{m}: {plan['num_iterations'][m]} steps x {plan['tokens_per_step']:,} tokens x "
               f"{plan['flops_per_token'][m]:.3e} FLOPs/token")
     for m in ("gpt", "diffusion"):  # the GPT first: it is the judge
-        diffusion_train.main(train_argv(args, m, plan["num_iterations"][m]))
+        if args.reuse and finished_run(args, m, plan):
+            print(f"{m}: reusing the finished run in {args.out_dir}/{m}")
+        else:
+            diffusion_train.main(train_argv(args, m, plan["num_iterations"][m]))
 
     peak = peak_flops(device)
     runs = {m: read_run(args, m, plan, device, peak) for m in ("gpt", "diffusion")}

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanochat.checkpoint import (
-    build_model, checkpoint_path, find_latest, read_checkpoint, save_atomic, save_model_file, state_path,
+    best_path, build_model, checkpoint_path, find_latest, read_checkpoint, save_atomic, save_model_file, state_path,
 )
 from nanochat.common import UserError, compute_cleanup, compute_init, get_base_dir, init_wandb, peak_flops, print0, run_main
 from nanochat.dataloader import DataLoader
@@ -306,6 +306,10 @@ def train(args, ddp, rank, world_size, device):
                 history["eval"].append(dict(step=step, flops=step * total_batch_size * flops_per_token, time=total_time,
                                     val_loss=val_loss, val_bpb=val["bpb"], val_bpb_stderr=val["stderr"]))
                 print0(f"step {step:05d} | val loss {val_loss:.4f} | val bpb {val['bpb']:.4f} ± {val['stderr']:.4f}")
+                if rank == 0 and all(val["bpb"] < e["val_bpb"] for e in history["eval"][:-1]):  # early stopping's pick
+                    os.makedirs(args.checkpoint_dir, exist_ok=True)
+                    save_model_file(best_path(args.checkpoint_dir, args.model), step, raw_model, args.model, tokenizer,
+                                    meta={"args": vars(args), "val_bpb": val["bpb"]})
                 wandb_run.log({"step": step, "val/loss": val_loss, "val/bpb": val["bpb"]})
             if rank == 0 and (args.sample_every > 0 and step > start_step and step % args.sample_every == 0
                               or args.sample_every != 0 and last(step)):

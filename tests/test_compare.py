@@ -64,6 +64,20 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
         assert text in md, text
 
 
+def test_compare_reuse_keeps_a_finished_run_with_the_same_flags(tiny_data_dir, tiny_tokenizer, tmp_path, capsys):
+    argv = compare_argv(tiny_data_dir, tiny_tokenizer[1], tmp_path, "--flops", "1e8")
+    compare.main(argv)
+    first = json.loads((tmp_path / "compare.json").read_text())["train"]
+    capsys.readouterr()
+    argv[argv.index("--diffusion_args") + 1] = "--bound_samples 2 --self_cond 0"  # only the diffusion half changes
+    compare.main(argv + ["--reuse"])
+    out = capsys.readouterr().out
+    assert "gpt: reusing the finished run" in out and "diffusion: reusing" not in out
+    second = json.loads((tmp_path / "compare.json").read_text())["train"]
+    assert second["gpt"]["evals"] == first["gpt"]["evals"] and second["gpt"]["best_step"] == first["gpt"]["best_step"]
+    assert second["diffusion"]["evals"] != first["diffusion"]["evals"]
+
+
 def test_compare_minutes_budget(tiny_data_dir, tiny_tokenizer, tmp_path):
     """--minutes: the GPT's measured FLOP/s times the minutes is the budget, shared by both models."""
     args = compare.get_args(compare_argv(tiny_data_dir, tiny_tokenizer[1], tmp_path, "--minutes", "0.5"))

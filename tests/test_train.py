@@ -144,6 +144,13 @@ def test_log_lines_report_and_checkpoint_format(reference, tiny_tokenizer):
     assert [e["step"] for e in state["history"]["eval"]] == [0, 3, 6] and len(state["history"]["train"]) == 6
     model, tokenizer, _ = load_model(str(ckpt_dir / "diffusion_step_000006.pt"))
     assert tokenizer.identity == tiny_tokenizer[0].identity and model.config.max_seq_len == 16
+    # the best model file holds the weights of the evaluation with the lowest bpb (early stopping's pick)
+    evals = state["history"]["eval"]
+    best = min(evals, key=lambda e: e["val_bpb"])
+    best_ckpt = load(ckpt_dir / "diffusion_best.pt")
+    assert best_ckpt["step"] == best["step"] and best_ckpt["meta"]["val_bpb"] == best["val_bpb"]
+    if best["step"] in (3, 6):
+        assert_same_weights(best_ckpt["model"], final_state(ckpt_dir, best["step"])[0]["model"], atol=0)
 
 
 def test_resume_matches_uninterrupted_run_and_skips_incomplete_checkpoints(reference, data, tmp_path):
