@@ -14,8 +14,9 @@ are extra diffusion_train flags for the diffusion model only (e.g. the winners o
 Then each model is taken at its best validation point (early stopping: {model}_best.pt, which on a small
 corpus is not the end of the run, where the GPT has overfit) and the GPT judges samples of both, all started
 from BOS, all num_samples x sample_len: the GPT at --gpt_temperatures, the diffusion model at every
---sample_steps x --temperatures. A judge trained here favours its own samples, and low-entropy (repetitive) samples get a good generative perplexity, so read
-the perplexity next to the unigram entropy; validation text gives the reference point.
+--sample_steps x --temperatures. A judge trained here favours its own samples, and low-entropy (repetitive)
+samples get a good generative perplexity, so read the perplexity next to the unigram entropy; validation text
+gives the reference point.
 
 Writes to --out_dir: compare.md (the report), compare.json (every number), bpb_vs_flops.png, frontier.png,
 and the two runs' checkpoints and training reports in gpt/ and diffusion/. Single process (one device).
@@ -146,28 +147,32 @@ def make_plan(args, device):
     return plan, tokenizer
 
 
-def finished_run(args, model_type, plan):
-    """The final checkpoint of this model's run in --out_dir if that run is complete and had the same flags, else None."""
-    path = checkpoint_path(os.path.join(args.out_dir, model_type), model_type, plan["num_iterations"][model_type])
+def final_checkpoint(args, model_type, plan):
+    return checkpoint_path(os.path.join(args.out_dir, model_type), model_type, plan["num_iterations"][model_type])
+
+
+def can_reuse(args, model_type, plan):
+    """Whether this model's run in --out_dir is complete and had the very flags this comparison would give it."""
+    path = final_checkpoint(args, model_type, plan)
     if not (os.path.isfile(path) and os.path.isfile(state_path(path, 0))):
-        return None
+        return False
     wanted = vars(diffusion_train.get_args(train_argv(args, model_type, plan["num_iterations"][model_type])))
-    return path if read_checkpoint(path)["meta"].get("args") == wanted else None
+    return read_checkpoint(path)["meta"].get("args") == wanted
 
 
 def read_run(args, model_type, plan, device, peak):
     """(model at its best validation point, training results): evaluations, final and best bpb, tokens/s, MFU."""
-    path = checkpoint_path(os.path.join(args.out_dir, model_type), model_type, plan["num_iterations"][model_type])
-    best_file = best_path(os.path.dirname(path), model_type)
-    model, _, best_ckpt = load_model(best_file, device, expect=model_type)
+    path = final_checkpoint(args, model_type, plan)
     history = torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]
     final = history["eval"][-1]
     best = min(history["eval"], key=lambda e: e["val_bpb"])  # a small corpus: the GPT can overfit before the end
-    timed_steps = final["step"] - 1  # diffusion_train leaves the first (warm-up) step out of its time
-    tok_per_s = plan["tokens_per_step"] * timed_steps / final["time"] if final["time"] > 0 else float("nan")
+    best_file = best_path(os.path.join(args.out_dir, model_type), model_type)
+    model, _, best_ckpt = load_model(best_file, device, expect=model_type)
     if best_ckpt["step"] != best["step"]:
         raise UserError(f"{best_file} is from step {best_ckpt['step']}, the run's best is step {best['step']}: "
                         f"it comes from another run; use a fresh --out_dir")
+    timed_steps = final["step"] - 1  # diffusion_train leaves the first (warm-up) step out of its time
+    tok_per_s = plan["tokens_per_step"] * timed_steps / final["time"] if final["time"] > 0 else float("nan")
     return model, dict(checkpoint=path, num_iterations=final["step"], flops=final["flops"], train_seconds=final["time"],
                        val_bpb=final["val_bpb"], val_bpb_stderr=final["val_bpb_stderr"], val_loss=final["val_loss"],
                        best_val_bpb=best["val_bpb"], best_step=best["step"],
@@ -311,9 +316,9 @@ def write_markdown(result, path):
         "![bpb](bpb_vs_flops.png)", "",
         *tables(result), "",
         "## Sample quality: generative perplexity vs unigram entropy", "",
-        "Both models are sampled at their best validation step (early stopping). "
-        "The judge is the GPT trained here, at its best step: it favours its own samples, and repetitive (low-entropy) samples get a low "
-        "perplexity, so compare settings at similar entropy. The validation text is the reference point.", "",
+        "Both models are sampled at their best validation step (early stopping). The judge is the GPT trained here, "
+        "at its best step: it favours its own samples, and repetitive (low-entropy) samples get a low perplexity, so "
+        "compare settings at similar entropy. The validation text is the reference point.", "",
         "![frontier](frontier.png)", "",
         "## Samples", "",
     ]
@@ -335,7 +340,7 @@ def main(argv=None):
         print(f"{m}: {plan['num_iterations'][m]} steps x {plan['tokens_per_step']:,} tokens x "
               f"{plan['flops_per_token'][m]:.3e} FLOPs/token")
     for m in ("gpt", "diffusion"):  # the GPT first: it is the judge
-        if args.reuse and finished_run(args, m, plan):
+        if args.reuse and can_reuse(args, m, plan):
             print(f"{m}: reusing the finished run in {args.out_dir}/{m}")
         else:
             diffusion_train.main(train_argv(args, m, plan["num_iterations"][m]))
