@@ -49,6 +49,7 @@ class DiffusionConfig:
     posterior_skip: bool = True  # logits objective: add the exact per-token Gaussian posterior log p(w | z_t) to the logits
     posterior_input: bool = False  # feed the network p(w | z_t) @ W_in, a soft lookup in a full V x d input table
     time_warp: bool = False  # sample training timesteps where the cross-entropy changes fastest (CDCD's learned time warping)
+    block_size: int = 0  # 0: diffuse the whole sequence at once | K: block diffusion, blocks of K tokens given the clean blocks before
 
     def __post_init__(self):
         checks = [
@@ -62,6 +63,9 @@ class DiffusionConfig:
             (self.token_noise_rate == 0 or self.time_cond == "add", "token_noise_rate > 0 needs time_cond 'add' (a noise level per token)"),
             (self.bound_samples >= 1, "bound_samples must be >= 1"),
             (self.elbo_weight >= 0, "elbo_weight must be >= 0"),
+            (self.block_size >= 0, "block_size must be >= 0 (0 = the whole sequence)"),
+            (self.block_size == 0 or not (self.posterior_input or self.token_noise_rate > 0),
+             "block_size > 0 gives the network clean context already; it does not combine with posterior_input or token_noise_rate"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,7 +118,7 @@ class SelfAttention(nn.Module):
         self.c_v = nn.Linear(dim, dim, bias=False)
         self.c_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache=None):
+    def forward(self, x, cos_sin, kv_cache=None, attn_mask=None):
         B, T, C = x.shape
         shape = (B, T, self.n_head, C // self.n_head)
         q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)
@@ -124,7 +128,7 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:  # autoregressive decoding: attend to everything cached so far
             k, v = kv_cache.append(k, v)
         # a causal mask only matters when several queries arrive at once (training, or a prompt prefill)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and T > 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal and T > 1)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -148,12 +152,12 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
         self.modulation = nn.Linear(dim, 4 * dim, bias=False) if modulated else None
 
-    def forward(self, x, cos_sin, cond=None, kv_cache=None):
+    def forward(self, x, cos_sin, cond=None, kv_cache=None, attn_mask=None):
         if self.modulation is None:
-            x = x + self.attn(norm(x), cos_sin, kv_cache)
+            x = x + self.attn(norm(x), cos_sin, kv_cache, attn_mask)
             return x + self.mlp(norm(x))
         scale1, shift1, scale2, shift2 = self.modulation(cond)[:, None, :].chunk(4, dim=-1)
-        x = x + self.attn(norm(x) * (1 + scale1) + shift1, cos_sin)
+        x = x + self.attn(norm(x) * (1 + scale1) + shift1, cos_sin, attn_mask=attn_mask)
         return x + self.mlp(norm(x) * (1 + scale2) + shift2)
 
 
@@ -242,6 +246,17 @@ def timestep_features(x, dim=256, max_period=10000.0):
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def block_attention_mask(noisy_pos, clean_pos, block_size):
+    """Boolean (Tn + Tc, Tn + Tc) mask (True = may attend) for block diffusion (BD3-LM, Arriola et al. 2025) over a
+    noisy stream (positions noisy_pos) followed by a clean stream (clean_pos): a noisy token sees its own block's
+    noisy tokens and the clean tokens of earlier blocks; a clean token sees the clean tokens of its block and
+    earlier ones (what it will be as context for later blocks), never the noise."""
+    bn, bc = noisy_pos // block_size, clean_pos // block_size
+    noisy_rows = torch.cat([bn[:, None] == bn[None, :], bc[None, :] < bn[:, None]], dim=1)
+    clean_rows = torch.cat([torch.zeros(len(bc), len(bn), dtype=torch.bool, device=bc.device), bc[None, :] <= bc[:, None]], dim=1)
+    return torch.cat([noisy_rows, clean_rows], dim=0)
+
+
 # -----------------------------------------------------------------------------
 # The diffusion model
 
@@ -255,6 +270,8 @@ class DiffusionRoBERTa(nn.Module):
         self.in_proj = nn.Linear(e, d, bias=False)
         # input embeddings with a GPT's capacity (V x d), looked up softly by each token's posterior (Bayesian flow networks)
         self.input_embedding = nn.Embedding(config.vocab_size, d) if config.posterior_input else None
+        # block diffusion's clean stream: known token ids, looked up as a GPT looks up its input (V x d)
+        self.context_embedding = nn.Embedding(config.vocab_size, d) if config.block_size else None
         self.self_cond_proj = nn.Linear(e, d, bias=False)  # zero-init: self-conditioning starts as a no-op
         self.known_embed = nn.Parameter(torch.zeros(d))  # marks clean (prompt / infill) positions
         self.time_mlp = nn.Sequential(nn.Linear(256, d, bias=False), nn.SiLU(), nn.Linear(d, d, bias=False))
@@ -274,8 +291,9 @@ class DiffusionRoBERTa(nn.Module):
     def init_weights(self):
         init_transformer_weights(self)
         nn.init.normal_(self.embedding.weight, std=1.0)
-        if self.input_embedding is not None:
-            nn.init.normal_(self.input_embedding.weight, std=1.0)
+        for table in (self.input_embedding, self.context_embedding):
+            if table is not None:
+                nn.init.normal_(table.weight, std=1.0)
         nn.init.zeros_(self.self_cond_proj.weight)
         nn.init.zeros_(self.head.weight)
 
@@ -287,23 +305,27 @@ class DiffusionRoBERTa(nn.Module):
     def matmul_params(self):
         """Parameters that cost 2 FLOPs per token in the forward pass (not the embedding lookup, and not the
         time MLP / adaLN, which run once per sequence)."""
-        per_sequence = {"embedding", "input_embedding", "time_mlp", "modulation", "known_embed"}
+        per_sequence = {"embedding", "input_embedding", "context_embedding", "time_mlp", "modulation", "known_embed"}
         return sum(p.numel() for n, p in self.named_parameters() if not per_sequence & set(n.split(".")))
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: forward + backward (6N + attention), plus the expected no-grad
         self-conditioning forward pass (2N + attention forward) on self_cond_rate of the micro-batches.
-        N counts the products with the embedding matrix too (softmax @ E, and z @ E^T for the skip)."""
+        N counts the products with the embedding matrix too (softmax @ E, and z @ E^T for the skip), and, for block
+        diffusion, the clean stream's share of the network."""
         c = self.config
         T = seq_len or c.max_seq_len
         n = self.matmul_params()
+        # block diffusion: the clean stream (its tokens per noisy token) runs through the network but not the head
+        clean = (T - 1) // c.block_size * c.block_size / T if c.block_size else 0.0
+        n += clean * (n - self.head.weight.numel())
         if c.posterior_skip or c.posterior_input:  # the evidence z @ E^T
             n += c.vocab_size * c.embed_dim
         if c.posterior_input:  # p(w | z_t) @ W_in
             n += c.vocab_size * c.model_dim
         if c.objective == "logits":  # softmax(logits) @ E
             n += c.vocab_size * c.embed_dim
-        attn = 4 * c.depth * c.model_dim * T
+        attn = 4 * c.depth * c.model_dim * T * (1 + clean) ** 2
         flops = 6 * n + 3 * attn
         if c.self_cond:
             flops += c.self_cond_rate * (2 * n + attn)
@@ -312,7 +334,7 @@ class DiffusionRoBERTa(nn.Module):
     def param_groups(self):
         """Hidden matrices go to Muon; embeddings, head, projections and scalars go to AdamW."""
         matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.") and ".modulation." not in n]
-        embedding = [self.embedding.weight] + ([self.input_embedding.weight] if self.input_embedding is not None else [])
+        embedding = [t.weight for t in (self.embedding, self.input_embedding, self.context_embedding) if t is not None]
         head = [self.head.weight]
         taken = {id(p) for p in matrix + embedding + head}
         other = [p for p in self.parameters() if id(p) not in taken]
@@ -324,14 +346,21 @@ class DiffusionRoBERTa(nn.Module):
         """Token embeddings on a sphere of radius sqrt(embed_dim): unit variance per coordinate."""
         return F.normalize(self.embedding.weight.float(), dim=-1) * math.sqrt(self.config.embed_dim)
 
-    def denoise(self, z, gamma, known, x0_self_cond, posterior=None):
-        """One network evaluation: noisy embeddings z (B,T,e), noise level gamma (B,) or (B,T), clean-position mask
-        known (B,T), the previous x0 estimate (B,T,e), each token's posterior p(w | z_t) (B,T,V) when
-        posterior_input -> head output (B,T,vocab or e)."""
+    def denoise(self, z, gamma, known, x0_self_cond, posterior=None, context=None, offset=0):
+        """One network evaluation: noisy embeddings z (B,T,e) at positions offset.. offset+T-1, noise level gamma (B,)
+        or (B,T), clean-position mask known (B,T), the previous x0 estimate (B,T,e), each token's posterior p(w | z_t)
+        (B,T,V) when posterior_input -> head output (B,T,vocab or e). Block diffusion: context (B,S) holds the clean
+        token ids of positions 0..S-1, a second stream that each noisy block sees up to its own start."""
         T = z.size(1)
         h = self.in_proj(z) + self.self_cond_proj(x0_self_cond) + known[..., None] * self.known_embed
         if self.input_embedding is not None:
             h = h + posterior.to(h.dtype) @ self.input_embedding.weight.to(h.dtype)
+        positions, attn_mask = torch.arange(offset, offset + T, device=z.device), None
+        if context is not None:
+            h = torch.cat([h, self.context_embedding(context).to(h.dtype)], dim=1)
+            clean = torch.arange(context.size(1), device=z.device)
+            attn_mask = block_attention_mask(positions, clean, self.config.block_size)
+            positions = torch.cat([positions, clean])
         # normalise gamma to [0, 1000] so that the usual sinusoid frequencies resolve it
         g = (gamma.float().to(z.device) - self.config.gamma_min) / (self.config.gamma_max - self.config.gamma_min) * 1000
         cond = self.time_mlp(timestep_features(g).to(h.dtype))
@@ -339,10 +368,10 @@ class DiffusionRoBERTa(nn.Module):
             h, cond = h + (cond[:, None, :] if cond.dim() == 2 else cond), None
         else:
             cond = F.silu(cond)
-        cos_sin = (self.rope_cos[:, :T], self.rope_sin[:, :T])
+        cos_sin = (self.rope_cos[:, positions], self.rope_sin[:, positions])
         for block in self.blocks:
-            h = block(h, cos_sin, cond)
-        return self.head(norm(h))
+            h = block(h, cos_sin, cond, attn_mask=attn_mask)
+        return self.head(norm(h[:, :T]))
 
     def token_evidence(self, z, gamma, known, E):
         """log p(w | z_t) of each token seen alone, (B,T,V): alpha / sigma^2 * z . e_w (+ a constant, as all e_w
@@ -351,12 +380,12 @@ class DiffusionRoBERTa(nn.Module):
         scale = torch.where(known[..., None], 100.0, per_row(alpha / sigma**2, z))
         return (scale * z.float()) @ E.t()  # scaled in e dims, not V: cheaper
 
-    def predict_x0(self, z, gamma, known, x0_self_cond, temperature=1.0):
+    def predict_x0(self, z, gamma, known, x0_self_cond, temperature=1.0, context=None, offset=0):
         """Denoise and express the result as (x0_hat (B,T,e), logits (B,T,V)), whatever the objective."""
         c, E = self.config, self.embed_matrix()
         evidence = self.token_evidence(z, gamma, known, E) if c.posterior_skip or c.posterior_input else None
         posterior = torch.softmax(evidence, dim=-1) if c.posterior_input else None
-        out = self.denoise(z, gamma, known, x0_self_cond, posterior).float()
+        out = self.denoise(z, gamma, known, x0_self_cond, posterior, context, offset).float()
         if c.objective == "logits":
             if c.posterior_skip:  # the network only has to learn what context adds; at low noise the skip identifies the token
                 out = out + evidence
@@ -439,14 +468,20 @@ class DiffusionRoBERTa(nn.Module):
         z = torch.where(known[..., None], x, alpha * x + sigma * eps)
         return z, eps
 
-    def self_condition(self, z, gamma, known, x):
+    def self_condition(self, z, gamma, known, x, context=None):
         """The self-conditioning input: zeros, or a no-grad first estimate of x0 on self_cond_rate of the calls
         (training), always when evaluating. Clean positions carry their true embedding."""
         x0_sc = torch.zeros_like(z)
         if self.config.self_cond and (not self.training or torch.rand(()) < self.config.self_cond_rate):
             with torch.no_grad():
-                x0_sc = self.predict_x0(z, gamma, known, x0_sc)[0]
+                x0_sc = self.predict_x0(z, gamma, known, x0_sc, context=context)[0]
         return torch.where(known[..., None], x, x0_sc)
+
+    def clean_context(self, tokens):
+        """Block diffusion's clean stream for whole (B,T) sequences: the ids before the last block (no block sees
+        its own or later clean tokens). None for whole-sequence diffusion."""
+        K = self.config.block_size
+        return tokens[:, : (tokens.size(1) - 1) // K * K] if K else None
 
     def forward(self, tokens):
         """The training loss (a scalar) for a (B, T) batch of token ids."""
@@ -456,7 +491,8 @@ class DiffusionRoBERTa(nn.Module):
         gamma, slope = self.schedule.gamma_and_slope(t)
         known = self.sample_known(B, T, tokens.device)
         z, eps = self.noised(x, gamma, known)
-        x0_hat, logits = self.predict_x0(z, gamma, known, self.self_condition(z, gamma, known, x))
+        context = self.clean_context(tokens)
+        x0_hat, logits = self.predict_x0(z, gamma, known, self.self_condition(z, gamma, known, x, context), context=context)
         loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
         noised = ~known
         if self.config.time_warp and self.training:
@@ -492,13 +528,15 @@ class DiffusionRoBERTa(nn.Module):
         a0, s0 = (v.item() for v in alpha_sigma(g0))
         z0 = a0 * x + s0 * torch.randn_like(x)
         recon = F.cross_entropy((z0 @ E.t() * (a0 / s0**2)).flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
-        # diffusion: 1/2 E_t[gamma'(t) exp(-gamma(t)) ||x - x0_hat(z_t)||^2]
+        # diffusion: 1/2 E_t[gamma'(t) exp(-gamma(t)) ||x - x0_hat(z_t)||^2]; with blocks, each block's term is
+        # conditioned on the clean blocks before it, and the chain rule sums them (one shared t per row)
         u = torch.rand(B, dtype=torch.float64)
         diffusion = torch.zeros(B, T, device=tokens.device)
+        context = self.clean_context(tokens)
         for k in range(K):
             gamma, slope = self.schedule.gamma_and_slope((u + k) / K)
             z, _ = self.noised(x, gamma, no_known)
-            x0_hat, _ = self.predict_x0(z, gamma, no_known, self.self_condition(z, gamma, no_known, x))
+            x0_hat, _ = self.predict_x0(z, gamma, no_known, self.self_condition(z, gamma, no_known, x, context), context=context)
             weight = per_row(0.5 * slope * torch.exp(-gamma), x)[..., 0]
             diffusion += weight * (x - x0_hat).square().sum(-1)
         return prior + recon + diffusion / K
@@ -516,7 +554,9 @@ class DiffusionRoBERTa(nn.Module):
         prompt: token ids that appear unchanged at the start; known: {position: token id} that appear
         unchanged (infilling). temperature divides the logits and scales the ancestral noise; clamp snaps
         each x0 estimate to its nearest token embedding (Diffusion-LM). With return_trajectory, also returns
-        the list of argmax token estimates after every step. callback(step) runs after every step (progress bars)."""
+        the list of argmax token estimates after every step. callback(step) runs after every step (progress bars).
+        With block_size K, the blocks of K tokens are generated left to right, num_steps each, every block given
+        the clean tokens before it (semi-autoregressive, as in SSD-LM and BD3-LM)."""
         c = self.config
         known = dict(known or {})
         known.update(enumerate(prompt or []))
@@ -540,22 +580,30 @@ class DiffusionRoBERTa(nn.Module):
             known_mask[:, pos], known_ids[:, pos] = True, tok
         x_known = F.embedding(known_ids, E)
         gammas = self.schedule.gamma(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64))
-        z = torch.randn(B, seq_len, c.embed_dim, device=device, generator=generator)
-        x0_sc, trajectory = torch.zeros_like(z), []
-        for i in range(num_steps):
-            z = torch.where(known_mask[..., None], x_known, z)
-            gamma = gammas[i].expand(B)
-            x0_hat, logits = self.predict_x0(z, gamma, known_mask, x0_sc if c.self_cond else torch.zeros_like(z), temperature)
-            if clamp:
-                x0_hat = F.embedding(logits.argmax(-1), E)
-            x0_hat = torch.where(known_mask[..., None], x_known, x0_hat)
-            x0_sc = x0_hat
-            z = self._step(z, x0_hat, gammas[i], gammas[i + 1], sampler, temperature, generator)
-            if return_trajectory:
-                trajectory.append(torch.where(known_mask, known_ids, logits.argmax(-1)))
-            if callback is not None:
-                callback(i)
-        tokens = torch.where(known_mask, known_ids, logits.argmax(-1))
+        tokens, trajectory, calls = known_ids.clone(), [], 0
+        K = c.block_size or seq_len  # whole-sequence diffusion is one block
+        for start in range(0, seq_len, K):  # block diffusion: each block given the clean tokens decided before it
+            end = min(start + K, seq_len)
+            mask, ids, xk = known_mask[:, start:end], known_ids[:, start:end], x_known[:, start:end]
+            context = tokens[:, :start] if c.block_size else None
+            z = torch.randn(B, end - start, c.embed_dim, device=device, generator=generator)
+            x0_sc = torch.zeros_like(z)
+            for i in range(num_steps):
+                z = torch.where(mask[..., None], xk, z)
+                gamma = gammas[i].expand(B)
+                x0_hat, logits = self.predict_x0(z, gamma, mask, x0_sc if c.self_cond else torch.zeros_like(z),
+                                                 temperature, context, start)
+                if clamp:
+                    x0_hat = F.embedding(logits.argmax(-1), E)
+                x0_hat = torch.where(mask[..., None], xk, x0_hat)
+                x0_sc = x0_hat
+                z = self._step(z, x0_hat, gammas[i], gammas[i + 1], sampler, temperature, generator)
+                tokens[:, start:end] = torch.where(mask, ids, logits.argmax(-1))
+                if return_trajectory:
+                    trajectory.append(tokens[:, :end].clone())
+                if callback is not None:
+                    callback(calls)
+                calls += 1
         return (tokens, trajectory) if return_trajectory else tokens
 
     @staticmethod

@@ -77,7 +77,8 @@ def context_gain(model, tokens, log_prior, gammas, seed=0):
         torch.manual_seed(seed)  # the same noise for every level's draw, and for every checkpoint compared
         gamma = torch.full((B,), float(g), dtype=torch.float64)
         z, _ = model.noised(x, gamma, no_known)
-        _, logits = model.predict_x0(z, gamma, no_known, model.self_condition(z, gamma, no_known, x))
+        context = model.clean_context(tokens)
+        _, logits = model.predict_x0(z, gamma, no_known, model.self_condition(z, gamma, no_known, x, context), context=context)
         alone = prior + model.token_evidence(z, gamma, no_known, E)
         ce = [F.cross_entropy(l.float().flatten(0, 1), tokens.flatten()).item() for l in (logits, alone)]
         rows.append(dict(gamma=float(g), model_ce=ce[0], no_context_ce=ce[1], gain=ce[1] - ce[0]))

@@ -70,10 +70,12 @@ def generate(model, model_type, num_samples, seq_len, known, num_steps=100, temp
             out.append(model.generate(b, seq_len, num_steps, temperature=temperature, sampler=sampler, known=known,
                                       generator=generator, clamp=clamp, callback=step))
         if bar is not None:  # exact per batch, whatever the step count per call
-            bar.update(done + bar_steps(model_type, num_steps) - bar.n)
+            bar.update(done + bar_steps(model, model_type, seq_len, num_steps) - bar.n)
     return torch.cat(out)
 
 
-def bar_steps(model_type, num_steps):
-    """Progress units per batch: denoising steps (a GPT's batch counts as one unit)."""
-    return 1 if model_type == "gpt" else num_steps
+def bar_steps(model, model_type, seq_len, num_steps):
+    """Progress units per batch: denoising steps, num_steps per block (a GPT's batch counts as one unit)."""
+    if model_type == "gpt":
+        return 1
+    return -(-seq_len // (model.config.block_size or seq_len)) * num_steps

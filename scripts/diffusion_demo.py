@@ -193,10 +193,10 @@ def step4_reverse(model, tokenizer, device, args):
     g = torch.Generator(device=device).manual_seed(args.seed)
     tokens, trajectory = model.generate(1, seq_len, args.num_steps, prompt=[tokenizer.get_bos_token_id()],
                                         generator=g, return_trajectory=True)
-    every = max(1, args.num_steps // 10)
+    every = max(1, len(trajectory) // 10)  # block diffusion: num_steps per block
     for i, step_tokens in enumerate(trajectory):
         if (i + 1) % every == 0 or i == 0 or i == len(trajectory) - 1:
-            print(f"  step {i + 1:4d}/{args.num_steps}  {show(tokenizer, step_tokens[0].tolist(), 88)}")
+            print(f"  step {i + 1:4d}/{len(trajectory)}  {show(tokenizer, step_tokens[0].tolist(), 88)}")
     print(f"\nfinal sample:\n{tokenizer.decode(tokens[0, 1:].tolist())}")
 
 

@@ -64,7 +64,7 @@ def check_args(args):
         parse_infill(args.infill)
 
 
-def plan(args, tokenizer, max_seq_len, model_type):
+def plan(args, tokenizer, max_seq_len, model_type, block_size=0):
     """(seq_len, known {position: id}) for the request; UserError when it cannot fit."""
     bos = tokenizer.get_bos_token_id()
     if args.seq_len is not None and args.seq_len > max_seq_len:
@@ -72,6 +72,9 @@ def plan(args, tokenizer, max_seq_len, model_type):
     if args.infill is not None:
         if model_type == "gpt":
             raise UserError("--infill needs a diffusion checkpoint (a GPT can only continue a prompt)")
+        if block_size:
+            raise UserError(f"--infill needs a whole-sequence diffusion model; this one writes blocks of {block_size} tokens "
+                            "left to right and cannot see the text after a gap (train with --block_size 0)")
         known, length, _ = build_infill(tokenizer, args.infill)
         seq_len = args.seq_len or length
         if length > seq_len or length > max_seq_len:
@@ -93,16 +96,19 @@ def main(argv=None):
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     model_type = ckpt["model_type"]
-    seq_len, known = plan(args, tokenizer, model.config.max_seq_len, model_type)
+    seq_len, known = plan(args, tokenizer, model.config.max_seq_len, model_type,
+                          model.config.block_size if model_type == "diffusion" else 0)
     batch_size = args.batch_size or args.num_samples
     how = "autoregressive" if model_type == "gpt" else f"{args.num_steps} {args.sampler} steps" + (", clamped" if args.clamp else "")
+    if model_type == "diffusion" and model.config.block_size:
+        how += f" per block of {model.config.block_size} tokens"
     print(f"{model_type} checkpoint {args.checkpoint} (step {ckpt['step']}): {args.num_samples} samples x {seq_len} tokens, "
           f"{how}, temperature {args.temperature}, seed {args.seed}")
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     num_batches = -(-args.num_samples // batch_size)
-    with tqdm(total=num_batches * bar_steps(model_type, args.num_steps), desc="sampling" if model_type == "gpt" else "denoising",
+    with tqdm(total=num_batches * bar_steps(model, model_type, seq_len, args.num_steps), desc="sampling" if model_type == "gpt" else "denoising",
               unit="batch" if model_type == "gpt" else "step") as bar, autocast:
         ids = generate(model, model_type, args.num_samples, seq_len, known, args.num_steps, args.temperature,
                        args.sampler, args.clamp, batch_size, generator, bar)

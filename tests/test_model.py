@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nanochat.diffusion_roberta import (
-    OBJECTIVES, SCHEDULES, WARP_BINS, WARP_FLOOR, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, apply_rotary, rotary_cos_sin,
+    OBJECTIVES, SCHEDULES, WARP_BINS, WARP_FLOOR, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, apply_rotary,
+    block_attention_mask, rotary_cos_sin,
 )
 
 
@@ -170,12 +171,14 @@ def test_checkpoint_round_trip_gives_identical_outputs():
     assert torch.equal(ga, gb)
 
 
-def test_bound_on_data_of_known_entropy():
+@pytest.mark.parametrize("block_size", [0, 4])
+def test_bound_on_data_of_known_entropy(block_size):
     """I.i.d. uniform tokens over k symbols have entropy log k nats per token: a valid bound never goes
     meaningfully below it, and after training it comes close to it."""
     torch.manual_seed(0)
     k = 8
-    model = DiffusionRoBERTa(DiffusionConfig(depth=1, vocab_size=16, max_seq_len=16, embed_dim=8, cond_rate=0.0))
+    model = DiffusionRoBERTa(DiffusionConfig(depth=1, vocab_size=16, max_seq_len=16, embed_dim=8, cond_rate=0.0,
+                                             block_size=block_size))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     true_entropy = math.log(k)
 
@@ -196,6 +199,75 @@ def test_bound_on_data_of_known_entropy():
     assert after < true_entropy * 1.10, (after, true_entropy)
 
 
+def test_block_attention_mask():
+    m = block_attention_mask(torch.arange(4), torch.arange(2), 2).int()  # noisy 0-3 (blocks 0, 1), clean 0-1 (block 0)
+    assert m.tolist() == [
+        [1, 1, 0, 0, 0, 0],  # noisy block 0: itself only
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1],  # noisy block 1: itself and clean block 0
+        [0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1, 1],  # clean block 0: clean block 0, never the noise
+        [0, 0, 0, 0, 1, 1],
+    ]
+
+
+def test_block_diffusion_sees_earlier_blocks_clean_and_no_later_block():
+    model = randomize(DiffusionRoBERTa(tiny_config(block_size=4))).eval()
+    tokens = torch.randint(0, 32, (1, 16))
+    z, gamma, known = torch.randn(1, 16, 8), torch.zeros(1), torch.zeros(1, 16, dtype=torch.bool)
+
+    def logits(tokens, z):
+        return model.predict_x0(z, gamma, known, torch.zeros_like(z), context=model.clean_context(tokens))[1][0]
+
+    before = logits(tokens, z)
+    later = tokens.clone()
+    later[0, 9] = (later[0, 9] + 1) % 32  # a clean token of block 2
+    after = logits(later, z)
+    assert torch.equal(before[:12], after[:12]), "blocks 0-2 must not see block 2's clean tokens"
+    assert not torch.allclose(before[12:], after[12:]), "block 3 must see block 2's clean tokens"
+    z2 = z.clone()
+    z2[0, 5] += 1.0  # noise of block 1
+    after = logits(tokens, z2)
+    assert torch.equal(before[:4], after[:4]) and torch.equal(before[8:], after[8:]), "noise stays inside its block"
+    assert not torch.allclose(before[4:8], after[4:8])
+
+
+def test_block_generation_is_left_to_right():
+    model = randomize(DiffusionRoBERTa(tiny_config(block_size=4))).eval()
+
+    def run(seq_len, **kw):
+        return model.generate(2, seq_len, 3, prompt=[5, 6], known={9: 7}, generator=torch.Generator().manual_seed(0), **kw)
+
+    tokens, traj = run(16, return_trajectory=True)
+    assert tokens.shape == (2, 16) and (tokens[:, :2] == torch.tensor([5, 6])).all() and (tokens[:, 9] == 7).all()
+    assert [t.size(1) for t in traj] == [4] * 3 + [8] * 3 + [12] * 3 + [16] * 3 and torch.equal(traj[-1], tokens)
+    # a block depends only on the blocks before it: a shorter request gives the same first blocks
+    assert torch.equal(run(12), tokens[:, :12]) and torch.equal(run(10)[:, :8], tokens[:, :8])
+
+
+def test_block_diffusion_learns_context_a_whole_sequence_model_does_not():
+    """Rows of consecutive ids (w, w+1, ...): one token gives the whole row. With the same steps, the block model
+    (clean earlier blocks as context) gets far below the unigram entropy; whole-sequence diffusion, whose context
+    is as noisy as the token itself, stays far above it. Both bounds stay above the true entropy."""
+    k, T = 32, 16
+
+    def bound_after_training(block_size):
+        torch.manual_seed(0)
+        model = DiffusionRoBERTa(DiffusionConfig(depth=1, vocab_size=k, max_seq_len=T, embed_dim=8, cond_rate=0.0,
+                                                 block_size=block_size))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        rows = lambda n: (torch.randint(0, k, (n, 1)) + torch.arange(T)) % k
+        for _ in range(150):
+            loss = model(rows(32))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval().nll_bound(rows(64), num_t=16).mean().item()
+
+    whole, blocks = bound_after_training(0), bound_after_training(4)
+    assert math.log(k) / T < blocks < 0.7 * whole, (blocks, whole)
+
+
 def test_flops_and_params():
     model = DiffusionRoBERTa(tiny_config(depth=2, self_cond=False))
     n = model.matmul_params()
@@ -205,6 +277,11 @@ def test_flops_and_params():
     assert sc.flops_per_token(16) > model.flops_per_token(16)
     pi = DiffusionRoBERTa(tiny_config(depth=2, self_cond=False, posterior_input=True))
     assert pi.flops_per_token(16) == model.flops_per_token(16) + 6 * 32 * 128  # + posterior @ W_in (V x d)
+    blocks = DiffusionRoBERTa(tiny_config(depth=2, self_cond=False, block_size=4))
+    assert blocks.matmul_params() == n  # the clean stream's table is a lookup
+    clean = 12 / 16  # clean-stream tokens per noisy token: the 3 blocks before the last
+    expected = 6 * (n + clean * (n - 128 * 32) + 2 * 32 * 8) + 12 * 2 * 128 * 16 * (1 + clean) ** 2  # not the head
+    assert blocks.flops_per_token(16) == pytest.approx(expected)
 
 
 def test_token_noise_gives_rows_a_noise_level_per_token():

@@ -156,6 +156,30 @@ def test_sample_infill_keeps_known_text(ckpts, tiny_tokenizer, tmp_path, capsys,
     assert all(len(r["tokens"]) == 20 and r["text"].startswith("A") for r in read_jsonl(out))  # free tail
 
 
+def test_block_diffusion_scripts(tiny_data_dir, tiny_tokenizer, tmp_path, capsys):
+    """A block-diffusion checkpoint from the training script: sampling goes block by block (the bar counts
+    blocks x steps), keeps the prompt, refuses infilling; evaluation reports a bound and the context gain."""
+    tok, tok_dir = tiny_tokenizer
+    diffusion_train.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--num_iterations=10", "--block_size=4",
+                          "--eval_every=-1", "--eval_tokens=128", "--sample_every=-1", "--device_type=cpu",
+                          "--data_dir", str(tiny_data_dir), "--tokenizer_dir", str(tok_dir), "--checkpoint_dir", str(tmp_path)])
+    ckpt = tmp_path / "diffusion_step_000010.pt"
+    out = tmp_path / "s.jsonl"
+    p = run_cli("scripts.diffusion_sample", "--checkpoint", ckpt, "--num_samples", 2, "--seq_len", 16, "--num_steps", 3,
+                "--prompt", "KING:", "--output", out)
+    assert p.returncode == 0, p.stderr
+    assert "per block of 4 tokens" in p.stdout and "12/12" in p.stderr  # 4 blocks x 3 steps
+    assert all(r["text"].startswith("KING:") and len(r["tokens"]) == 16 for r in read_jsonl(out))
+    p = run_cli("scripts.diffusion_sample", "--checkpoint", ckpt, "--infill", "A[BLANK:2]B")
+    assert p.returncode == 1 and "whole-sequence diffusion model" in p.stderr
+    assert_one_error_line(p.stderr)
+    diffusion_eval.main(["--checkpoint", str(ckpt), "--data_dir", str(tiny_data_dir), "--eval_tokens", "128",
+                         "--batch_size", "4", "--bound_samples", "2", "--num_samples", "2", "--sample_steps", "2",
+                         "--throughput_steps", "1", "--output", str(tmp_path / "e.json")])
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["val"]["bpb"] > 0 and all(g["model_ce"] >= 0 for g in r["context_gain"])
+
+
 def test_sample_verbatim_seed_command_and_gpt(ckpts, tiny_tokenizer, tmp_path, capsys):
     tok, _ = tiny_tokenizer
     wide = tmp_path / "wide.pt"  # an untrained model whose max_seq_len admits the seed's --seq_len 128
