@@ -316,8 +316,7 @@ class DiffusionRoBERTa(nn.Module):
         c = self.config
         T = seq_len or c.max_seq_len
         n = self.matmul_params()
-        # block diffusion: the clean stream (its tokens per noisy token) runs through the network but not the head
-        clean = (T - 1) // c.block_size * c.block_size / T if c.block_size else 0.0
+        clean = self.clean_length(T) / T  # block diffusion: the clean stream runs through the network but not the head
         n += clean * (n - self.head.weight.numel())
         if c.posterior_skip or c.posterior_input:  # the evidence z @ E^T
             n += c.vocab_size * c.embed_dim
@@ -477,11 +476,15 @@ class DiffusionRoBERTa(nn.Module):
                 x0_sc = self.predict_x0(z, gamma, known, x0_sc, context=context)[0]
         return torch.where(known[..., None], x, x0_sc)
 
-    def clean_context(self, tokens):
-        """Block diffusion's clean stream for whole (B,T) sequences: the ids before the last block (no block sees
-        its own or later clean tokens). None for whole-sequence diffusion."""
+    def clean_length(self, seq_len):
+        """Length of block diffusion's clean stream for whole sequences: the positions before the last block (no
+        block sees its own or later clean tokens); 0 for whole-sequence diffusion."""
         K = self.config.block_size
-        return tokens[:, : (tokens.size(1) - 1) // K * K] if K else None
+        return (seq_len - 1) // K * K if K else 0
+
+    def clean_context(self, tokens):
+        """Block diffusion's clean stream (ids) for whole (B,T) sequences; None for whole-sequence diffusion."""
+        return tokens[:, : self.clean_length(tokens.size(1))] if self.config.block_size else None
 
     def forward(self, tokens):
         """The training loss (a scalar) for a (B, T) batch of token ids."""
@@ -580,7 +583,7 @@ class DiffusionRoBERTa(nn.Module):
             known_mask[:, pos], known_ids[:, pos] = True, tok
         x_known = F.embedding(known_ids, E)
         gammas = self.schedule.gamma(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64))
-        tokens, trajectory, calls = known_ids.clone(), [], 0
+        tokens, trajectory = known_ids.clone(), []
         K = c.block_size or seq_len  # whole-sequence diffusion is one block
         for start in range(0, seq_len, K):  # block diffusion: each block given the clean tokens decided before it
             end = min(start + K, seq_len)
@@ -598,12 +601,11 @@ class DiffusionRoBERTa(nn.Module):
                 x0_hat = torch.where(mask[..., None], xk, x0_hat)
                 x0_sc = x0_hat
                 z = self._step(z, x0_hat, gammas[i], gammas[i + 1], sampler, temperature, generator)
-                tokens[:, start:end] = torch.where(mask, ids, logits.argmax(-1))
                 if return_trajectory:
-                    trajectory.append(tokens[:, :end].clone())
+                    trajectory.append(torch.cat([tokens[:, :start], torch.where(mask, ids, logits.argmax(-1))], dim=1))
                 if callback is not None:
-                    callback(calls)
-                calls += 1
+                    callback(start // K * num_steps + i)
+            tokens[:, start:end] = torch.where(mask, ids, logits.argmax(-1))
         return (tokens, trajectory) if return_trajectory else tokens
 
     @staticmethod

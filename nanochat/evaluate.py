@@ -72,12 +72,12 @@ def context_gain(model, tokens, log_prior, gammas, seed=0):
     x = F.embedding(tokens, E)
     no_known = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
     prior = log_prior.to(tokens.device)
+    context = model.clean_context(tokens)
     rows = []
     for g in gammas:
         torch.manual_seed(seed)  # the same noise for every level's draw, and for every checkpoint compared
         gamma = torch.full((B,), float(g), dtype=torch.float64)
         z, _ = model.noised(x, gamma, no_known)
-        context = model.clean_context(tokens)
         _, logits = model.predict_x0(z, gamma, no_known, model.self_condition(z, gamma, no_known, x, context), context=context)
         alone = prior + model.token_evidence(z, gamma, no_known, E)
         ce = [F.cross_entropy(l.float().flatten(0, 1), tokens.flatten()).item() for l in (logits, alone)]

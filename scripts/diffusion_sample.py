@@ -96,12 +96,12 @@ def main(argv=None):
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     model_type = ckpt["model_type"]
-    seq_len, known = plan(args, tokenizer, model.config.max_seq_len, model_type,
-                          model.config.block_size if model_type == "diffusion" else 0)
+    block_size = model.config.block_size if model_type == "diffusion" else 0
+    seq_len, known = plan(args, tokenizer, model.config.max_seq_len, model_type, block_size)
     batch_size = args.batch_size or args.num_samples
     how = "autoregressive" if model_type == "gpt" else f"{args.num_steps} {args.sampler} steps" + (", clamped" if args.clamp else "")
-    if model_type == "diffusion" and model.config.block_size:
-        how += f" per block of {model.config.block_size} tokens"
+    if block_size:
+        how += f" per block of {block_size} tokens"
     print(f"{model_type} checkpoint {args.checkpoint} (step {ckpt['step']}): {args.num_samples} samples x {seq_len} tokens, "
           f"{how}, temperature {args.temperature}, seed {args.seed}")
 
