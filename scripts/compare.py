@@ -16,7 +16,8 @@ corpus is not the end of the run, where the GPT has overfit) and the GPT judges 
 from BOS, all num_samples x sample_len: the GPT at --gpt_temperatures, the diffusion model at every
 --sample_steps x --temperatures. A judge trained here favours its own samples, and low-entropy (repetitive)
 samples get a good generative perplexity, so read the perplexity next to the unigram entropy; validation text
-gives the reference point.
+gives the reference point, and samples of the training split's unigram and bigram statistics show where text with
+only those statistics lands.
 
 Writes to --out_dir: compare.md (the report), compare.json (every number), bpb_vs_flops.png, frontier.png,
 and the two runs' checkpoints and training reports in gpt/ and diffusion/. Single process (one device).
@@ -40,6 +41,8 @@ from nanochat.common import UserError, compute_init, peak_flops, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.diffusion_roberta import SAMPLERS
 from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg backend: no display needed)
+from nanochat.evaluate import evaluate_bpb
+from nanochat.ngram import NGram
 from nanochat.sample_quality import generative_nll, sample_quality
 from nanochat.sampling import decode, generate
 from scripts import diffusion_train
@@ -47,6 +50,7 @@ from scripts.bench import median_times, trainer
 from scripts.diffusion_eval import finite, fmt, sync
 
 EVAL_POINTS = 8  # validation evaluations per run, besides the one at step 0
+NGRAM_TOKENS = 2**22  # training tokens (at most one pass) counted by the unigram and bigram references
 
 
 def number_list(cast):
@@ -214,7 +218,33 @@ def validation_reference(args, tokenizer, judge, sample_len, device, autocast):
     return dict(label="validation text", **q, examples=[tokenizer.decode(r) for r in rows[:args.num_show]])
 
 
-def evaluate_samples(args, models, tokenizer, device, autocast):
+def ngram_models(args, tokenizer, device):
+    """The unigram and bigram models of (up to NGRAM_TOKENS of) the training split, each with its validation bits per
+    byte on the very batches the training runs evaluate on: the floor a trained network should clear."""
+    loader, rows = DataLoader(tokenizer, 1, args.max_seq_len, "train", args.data_dir), []
+    while loader.epoch == 0 and len(rows) * args.max_seq_len < NGRAM_TOKENS:
+        rows.append(next(loader))
+    rows, vocab = torch.cat(rows), tokenizer.get_vocab_size()
+    val = diffusion_train.validation_batches(diffusion_train.get_args(train_argv(args, "gpt", 1)), tokenizer, 0, 1, device)
+    models = {name: NGram.fit(rows, order, vocab) for name, order in (("unigram", 1), ("bigram", 2))}
+    scores = {name: dict(evaluate_bpb(m, val, tokenizer.token_bytes(device)), mix=m.mix) for name, m in models.items()}
+    return models, scores
+
+
+def ngram_references(args, ngrams, tokenizer, judge, sample_len, autocast):
+    """Samples with the counts' statistics and nothing more (num_samples x sample_len from BOS, judged as the
+    models' samples are): where such text lands on the judge's scale."""
+    bos, g, references = tokenizer.get_bos_token_id(), torch.Generator().manual_seed(args.seed), []
+    for name, model in ngrams.items():
+        samples = model.sample(args.num_samples, sample_len - 1, bos, g)
+        with autocast:
+            q = sample_quality(samples, judge, bos)
+        references.append(dict(label=f"{name} samples (training split)", model="ngram", **q,
+                               examples=[decode(tokenizer, s) for s in samples[:args.num_show]]))
+    return references
+
+
+def evaluate_samples(args, models, ngrams, tokenizer, device, autocast):
     sample_len = min(args.sample_len, args.max_seq_len)
     bos, n_out = tokenizer.get_bos_token_id(), args.num_samples * (sample_len - 1)
     for model_type in models:  # warm-up, so that no setting pays for it
@@ -227,20 +257,23 @@ def evaluate_samples(args, models, tokenizer, device, autocast):
             quality = sample_quality([row[1:] for row in ids.tolist()], models["gpt"], bos)
         results.append(dict(setting, seconds=seconds, tokens_per_s=n_out / seconds, **quality,
                             examples=[decode(tokenizer, row) for row in ids[:args.num_show].tolist()]))
-    reference = validation_reference(args, tokenizer, models["gpt"], sample_len, device, autocast)
+    validation = validation_reference(args, tokenizer, models["gpt"], sample_len, device, autocast)
+    references = ([validation] if validation else []) + ngram_references(args, ngrams, tokenizer, models["gpt"], sample_len, autocast)
     gpt_ref = next((r for r in results if r["model"] == "gpt" and r["temperature"] == 1.0), results[0])
-    for r in results + ([reference] if reference else []):
+    for r in results + references:
         r["nll_ratio"] = r["gen_nll"] / gpt_ref["gen_nll"]
         r["entropy_ratio"] = r["unigram_entropy_nats"] / gpt_ref["unigram_entropy_nats"]
     return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out, sampler=args.sampler,
-                ratios_relative_to=gpt_ref["label"], settings=results, reference=reference)
+                ratios_relative_to=gpt_ref["label"], settings=results, references=references)
 
 
 # -----------------------------------------------------------------------------
 # the report
 
-def plot_bpb(train, path):
+def plot_bpb(train, ngram, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, score), style in zip(ngram.items(), (":", "--")):
+        ax.axhline(score["bpb"], color="gray", linestyle=style, label=f"{name} counts of the training split")
     for model_type, label in (("gpt", "GPT (exact)"), ("diffusion", "diffusion (upper bound)")):
         evals = train[model_type]["evals"]
         ax.errorbar([e["flops"] for e in evals], [e["val_bpb"] for e in evals], yerr=[e["val_bpb_stderr"] for e in evals],
@@ -254,16 +287,15 @@ def plot_bpb(train, path):
 
 def plot_frontier(samples, path):
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    points = samples["settings"] + ([samples["reference"]] if samples["reference"] else [])
-    for r in points:
-        style = {"gpt": "s", "diffusion": "o"}.get(r.get("model"), "*")
-        color = {"gpt": "tab:blue", "diffusion": "tab:orange"}.get(r.get("model"), "black")
+    for r in samples["settings"] + samples["references"]:
+        style = {"gpt": "s", "diffusion": "o", "ngram": "x"}.get(r.get("model"), "*")
+        color = {"gpt": "tab:blue", "diffusion": "tab:orange", "ngram": "tab:gray"}.get(r.get("model"), "black")
         ax.scatter(r["unigram_entropy_nats"], r["gen_ppl"], marker=style, color=color, s=120 if style == "*" else 40)
         ax.annotate(r["label"].replace("diffusion ", "").replace(" steps", "s"), (r["unigram_entropy_nats"], r["gen_ppl"]),
                     fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.set(xlabel="unigram entropy per sample (nats)", ylabel="generative perplexity (GPT judge)",
-           title="samples: generative perplexity vs entropy (GPT squares, diffusion circles, text star)")
+           title="samples: generative perplexity vs entropy\n(GPT squares, diffusion circles, n-gram crosses, text star)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -282,14 +314,18 @@ def tables(result):
                      f"{fmt(t['tokens_per_s'], ',.0f')} | {fmt(100 * t['mfu'], '.2f')}% | {t['train_seconds']:.1f}s |")
     lines += ["", f"**diffusion bpb / GPT bpb = {fmt(result['bpb_ratio'], '.3f')}** at the end of training; "
               f"{fmt(result['best_bpb_ratio'], '.3f')} between the best values along the runs (the end value flatters "
-              "the diffusion model when the GPT overfits)", ""]
+              "the diffusion model when the GPT overfits)", "",
+              "Count-based references on the same validation tokens: " + ", ".join(
+                  f"{name} {fmt(v['bpb'])} ± {fmt(v['stderr'])} bpb" for name, v in result["ngram"].items())
+              + f" (bigram interpolated with the unigram, weight {result['ngram']['bigram']['mix']:.1f} chosen on held-out "
+              "training text)", ""]
     s = result["samples"]
     lines += [f"Samples: {s['num_samples']} x {s['sample_len']} tokens per setting (from BOS, {s['output_tokens']:,} "
               f"output tokens), diffusion sampler {s['sampler']}; ratios relative to {s['ratios_relative_to']}.", "",
               "| setting | gen ppl | gen NLL | NLL ratio | unigram entropy | entropy ratio | distinct-2 | repetition (4-gram) "
               "| sampling seconds | tokens/s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in s["settings"] + ([s["reference"]] if s["reference"] else []):
+    for r in s["settings"] + s["references"]:
         lines.append(f"| {r['label']} | {fmt(r['gen_ppl'], '.2f')} | {fmt(r['gen_nll'], '.3f')} | {fmt(r['nll_ratio'], '.3f')} | "
                      f"{fmt(r['unigram_entropy_nats'], '.3f')} | {fmt(r['entropy_ratio'], '.3f')} | "
                      f"{fmt(r['distinct_2'], '.3f')} | {fmt(r['repetition_rate_4gram'], '.3f')} | "
@@ -318,11 +354,12 @@ def write_markdown(result, path):
         "## Sample quality: generative perplexity vs unigram entropy", "",
         "Both models are sampled at their best validation step (early stopping). The judge is the GPT trained here, "
         "at its best step: it favours its own samples, and repetitive (low-entropy) samples get a low perplexity, so "
-        "compare settings at similar entropy. The validation text is the reference point.", "",
+        "compare settings at similar entropy. The validation text is the reference point; samples of the training "
+        "split's unigram and bigram statistics show where text with only those statistics lands.", "",
         "![frontier](frontier.png)", "",
         "## Samples", "",
     ]
-    for r in shown + ([s["reference"]] if s["reference"] else []):
+    for r in shown + s["references"]:
         lines += [f"### {r['label']}", "", *[f"{i + 1}. `{text!r}`" for i, text in enumerate(r["examples"])], ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -349,12 +386,13 @@ def main(argv=None):
     runs = {m: read_run(args, m, plan, device, peak) for m in ("gpt", "diffusion")}
     models, train = {m: r[0] for m, r in runs.items()}, {m: r[1] for m, r in runs.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    ngrams, ngram_bpb = ngram_models(args, tokenizer, device)
     result = dict(args=vars(args), device=device_name(device), git_commit=git_commit(), peak_flops=peak, plan=plan,
                   train=train, bpb_ratio=train["diffusion"]["val_bpb"] / train["gpt"]["val_bpb"],
-                  best_bpb_ratio=train["diffusion"]["best_val_bpb"] / train["gpt"]["best_val_bpb"],
-                  samples=evaluate_samples(args, models, tokenizer, device, autocast))
+                  best_bpb_ratio=train["diffusion"]["best_val_bpb"] / train["gpt"]["best_val_bpb"], ngram=ngram_bpb,
+                  samples=evaluate_samples(args, models, ngrams, tokenizer, device, autocast))
 
-    plot_bpb(train, os.path.join(args.out_dir, "bpb_vs_flops.png"))
+    plot_bpb(train, ngram_bpb, os.path.join(args.out_dir, "bpb_vs_flops.png"))
     plot_frontier(result["samples"], os.path.join(args.out_dir, "frontier.png"))
     write_markdown(result, os.path.join(args.out_dir, "compare.md"))
     with open(os.path.join(args.out_dir, "compare.json"), "w", encoding="utf-8") as f:

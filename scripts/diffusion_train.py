@@ -222,7 +222,6 @@ def train(args, ddp, rank, world_size, device):
     tokenizer = prepare_data_and_tokenizer(args, rank, ddp)
     token_bytes = tokenizer.token_bytes(device)
     config = model_config(args, tokenizer.get_vocab_size())
-    eval_tokens = args.eval_tokens or (2**20 if device.type == "cuda" else 2**13)
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args.model, config.to_dict()).to(device)
@@ -236,9 +235,7 @@ def train(args, ddp, rank, world_size, device):
     loaders = [DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, rank=slot,
                           world_size=n_slots, seed=args.seed, device=device, state=state)
                for slot, state in zip(slots, loader_states)]
-    val_batches = list(next_batches(DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", args.data_dir,
-                                               rank=rank, world_size=world_size, device=device),
-                                    max(1, eval_tokens // (tokens_per_fwd * world_size))))
+    val_batches = validation_batches(args, tokenizer, rank, world_size, device)
     num_val = torch.tensor(float(len(val_batches)), device=device)
     if ddp:
         dist.all_reduce(num_val)
@@ -388,6 +385,15 @@ def train(args, ddp, rank, world_size, device):
         print0(f"report: {report}")
     wandb_run.finish()
     print0(f"done: {step} steps, {total_time / 60:.2f} min of training, last checkpoint {last_path}")
+
+
+def validation_batches(args, tokenizer, rank, world_size, device):
+    """This rank's validation batches: its share of the first --eval_tokens of the val split (default: 2^20 tokens
+    on a GPU, 2^13 on a CPU), the same at every evaluation."""
+    eval_tokens = args.eval_tokens or (2**20 if device.type == "cuda" else 2**13)
+    loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", args.data_dir, rank=rank,
+                        world_size=world_size, device=device)
+    return list(next_batches(loader, max(1, eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))))
 
 
 def next_batches(loader, n):

@@ -50,17 +50,22 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
         assert t["best_val_bpb"] == best["val_bpb"] <= t["val_bpb"] and t["best_step"] == best["step"]
     assert r["bpb_ratio"] == pytest.approx(r["train"]["diffusion"]["val_bpb"] / r["train"]["gpt"]["val_bpb"])
     assert r["best_bpb_ratio"] == pytest.approx(r["train"]["diffusion"]["best_val_bpb"] / r["train"]["gpt"]["best_val_bpb"])
+    for name in ("unigram", "bigram"):  # the runs' validation batches (--eval_tokens 128: 2 of 2 x 32), first tokens unscored
+        assert r["ngram"][name]["bpb"] > 0 and r["ngram"][name]["tokens"] == 2 * 2 * 31
     s = r["samples"]
     assert [x["label"] for x in s["settings"]] == ["GPT T=1.0", "diffusion 2 steps T=1.0", "diffusion 2 steps T=0.7",
                                                   "diffusion 4 steps T=1.0", "diffusion 4 steps T=0.7"]
     assert s["output_tokens"] == 2 * 23
-    for x in s["settings"] + [s["reference"]]:
+    assert [x["label"] for x in s["references"]] == ["validation text", "unigram samples (training split)",
+                                                    "bigram samples (training split)"]
+    for x in s["settings"] + s["references"]:
         assert x["gen_ppl"] > 1 and x["unigram_entropy_nats"] > 0 and 0 <= x["repetition_rate_4gram"] <= 1
         assert 0 < x["distinct_2"] <= 1 and x["nll_ratio"] > 0 and x["entropy_ratio"] > 0 and len(x["examples"]) == 2
     assert s["settings"][0]["nll_ratio"] == 1.0 and all(x["tokens_per_s"] > 0 for x in s["settings"])
     md = (out / "compare.md").read_text()
     for text in ("![bpb](bpb_vs_flops.png)", "![frontier](frontier.png)", "diffusion bpb / GPT bpb", "between the best values", "### GPT T=1.0",
-                 "### diffusion 4 steps T=1.0", "### validation text", "| diffusion 2 steps T=0.7 |"):
+                 "### diffusion 4 steps T=1.0", "### validation text", "| diffusion 2 steps T=0.7 |",
+                 "| bigram samples (training split) |", "Count-based references on the same validation tokens: unigram"):
         assert text in md, text
 
 

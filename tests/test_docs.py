@@ -179,3 +179,11 @@ def test_diffusion_readme_sections():
     for section in ("Measured comparison with the GPT", "Ablations"):
         body = re.search(rf"^## {section}\n(.*?)(?=^## |\Z)", text, re.S | re.M).group(1)
         assert "\n|---" in body and "ablate.sh" in body + text, f"{section}: a table of measured numbers"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_images_and_local_links_exist(doc):
+    """Every relative link or image of the doc (figures in docs/, files of the repository) is in the repository."""
+    targets = re.findall(r"\]\(([^)#\s]+)\)", (REPO / doc).read_text(encoding="utf-8"))
+    local = [t for t in targets if "://" not in t]
+    assert all((REPO / t).exists() for t in local), [t for t in local if not (REPO / t).exists()]

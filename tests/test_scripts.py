@@ -20,6 +20,7 @@ from nanochat.checkpoint import save_model_file
 from nanochat.common import UserError, run_main
 from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.ngram import NGram
 from nanochat.sample_quality import distinct_n, generative_nll, load_judge, repetition_rate, sample_quality, unigram_entropy
 from nanochat.sampling import build_infill, generate, parse_infill
 from nanochat.tokenizer import Tokenizer
@@ -68,6 +69,30 @@ def test_sample_quality_metrics():
     assert repetition_rate([[1, 2, 3, 4, 1, 2, 3, 4]]) == pytest.approx(1 / 5)  # 5 4-grams, one repeat
     assert repetition_rate([list(range(10))]) == 0.0
     assert repetition_rate([[7] * 10]) == pytest.approx(6 / 7)
+
+
+def test_ngram_models_score_and_sample_with_the_rows_statistics():
+    """Rows that always step w -> w + 1 (mod 50): the fitted bigram puts all its weight on the pairs, scores the
+    chain at ~0 nats and samples it exactly from BOS (id 0); the unigram scores every token at its frequency."""
+    rows = (torch.arange(40)[None, :] + 7 * torch.arange(30)[:, None]) % 50
+    bigram, unigram = NGram.fit(rows, 2, 64), NGram.fit(rows, 1, 64)
+    assert bigram.mix == 1.0
+    test = (torch.arange(10)[None, :] + 3) % 50
+    nats, targets = bigram.token_nll(test)
+    assert torch.equal(targets, test[:, 1:]) and nats.max() < 1e-6
+    freq = (torch.bincount(rows[:, 1:].flatten(), minlength=64).double() + 0.5)
+    assert torch.allclose(unigram.token_nll(test)[0].double(), -(freq / freq.sum())[test[:, 1:]].log(), atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    for sample in bigram.sample(4, 60, 0, g):
+        assert sample == [i % 50 for i in range(1, 61)]
+    skewed = torch.tensor([[5] * 30 + [9] * 10])  # 9 is never followed: its successor comes from the frequencies
+    assert NGram(skewed, 2, 16).sample(1, 3, 9, g)[0][0] in (5, 9)
+    assert NGram(skewed, 2, 16, mix=0.5).token_nll(torch.tensor([[5, 7]]))[0].item() > 0  # an unseen pair keeps p > 0
+    flat = NGram(skewed, 1, 16).sample(200, 10, 0, g)
+    share = sum(t == 5 for s in flat for t in s) / 2000
+    assert set(t for s in flat for t in s) == {5, 9} and abs(share - 29 / 39) < 0.03
+    with pytest.raises(ValueError):
+        NGram(rows, 3, 64)
 
 
 def test_generative_nll_and_judge_identity(tiny_tokenizer, tmp_path):
