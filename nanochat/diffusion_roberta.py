@@ -50,6 +50,7 @@ class DiffusionConfig:
     posterior_input: bool = False  # feed the network p(w | z_t) @ W_in, a soft lookup in a full V x d input table
     time_warp: bool = False  # sample training timesteps where the cross-entropy changes fastest (CDCD's learned time warping)
     block_size: int = 0  # 0: diffuse the whole sequence at once | K: block diffusion, blocks of K tokens given the clean blocks before
+    local_mix: int = 3  # K > 0 (odd): before every block, each position adds a learned depthwise mix of its K-neighbourhood
 
     def __post_init__(self):
         checks = [
@@ -64,6 +65,7 @@ class DiffusionConfig:
             (self.bound_samples >= 1, "bound_samples must be >= 1"),
             (self.elbo_weight >= 0, "elbo_weight must be >= 0"),
             (self.block_size >= 0, "block_size must be >= 0 (0 = the whole sequence)"),
+            (self.local_mix == 0 or self.local_mix > 0 and self.local_mix % 2 == 1, "local_mix must be 0 (off) or an odd kernel size"),
             (self.block_size == 0 or not (self.posterior_input or self.token_noise_rate > 0),
              "block_size > 0 gives the network clean context already; it does not combine with posterior_input or token_noise_rate"),
         ]
@@ -85,6 +87,7 @@ class DiffusionConfig:
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
+        d = {"local_mix": 0, **d}  # checkpoints from before local_mix existed were trained without it
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config fields {unknown} (a checkpoint from another version of the code?)")
@@ -277,6 +280,9 @@ class DiffusionRoBERTa(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(256, d, bias=False), nn.SiLU(), nn.Linear(d, d, bias=False))
         modulated = config.time_cond == "adaln"
         self.blocks = nn.ModuleList([Block(d, config.n_head, causal=False, modulated=modulated) for _ in range(config.depth)])
+        # zero-init depthwise convolutions over positions: neighbours' evidence reaches every position without first
+        # learning to attend to it (Canon layers, Allen-Zhu 2025), as the current token reaches a GPT's prediction
+        self.local_mix = nn.Parameter(torch.zeros(config.depth, config.local_mix, d)) if config.local_mix else None
         self.head = nn.Linear(d, config.vocab_size if config.objective == "logits" else e, bias=False)
         cos, sin = rotary_cos_sin(config.max_seq_len, config.head_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -296,6 +302,8 @@ class DiffusionRoBERTa(nn.Module):
                 nn.init.normal_(table.weight, std=1.0)
         nn.init.zeros_(self.self_cond_proj.weight)
         nn.init.zeros_(self.head.weight)
+        if self.local_mix is not None:
+            nn.init.zeros_(self.local_mix)
 
     # --- bookkeeping -------------------------------------------------------
 
@@ -368,9 +376,26 @@ class DiffusionRoBERTa(nn.Module):
         else:
             cond = F.silu(cond)
         cos_sin = (self.rope_cos[:, positions], self.rope_sin[:, positions])
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if self.local_mix is not None:  # the noisy stream only: the clean one already sees its block in full
+                h = torch.cat([self.mix_neighbours(h[:, :T], self.local_mix[i], offset), h[:, T:]], dim=1)
             h = block(h, cos_sin, cond, attn_mask=attn_mask)
         return self.head(norm(h[:, :T]))
+
+    def mix_neighbours(self, h, weight, offset):
+        """h (B,T,d) at positions offset.. plus a depthwise convolution over positions with weight (k, d): each
+        position adds weight[j] * (its neighbour at distance j - k // 2), never across a block boundary (block
+        diffusion) or past the ends of h."""
+        T, r = h.size(1), weight.size(0) // 2
+        index = torch.arange(T, device=h.device)
+        K = self.config.block_size
+        block = (index + offset) // K if K else torch.zeros_like(index)
+        out = h
+        for j in range(weight.size(0)):
+            source = (index + j - r).clamp(0, T - 1)
+            same = (index + j - r == source) & (block[source] == block)
+            out = out + h[:, source] * (weight[j] * same[:, None]).to(h.dtype)
+        return out
 
     def token_evidence(self, z, gamma, known, E):
         """log p(w | z_t) of each token seen alone, (B,T,V): alpha / sigma^2 * z . e_w (+ a constant, as all e_w

@@ -32,6 +32,7 @@ import os
 import shlex
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 
 import matplotlib.pyplot as plt
 import torch
@@ -39,7 +40,7 @@ import torch
 from nanochat.checkpoint import best_path, build_model, checkpoint_path, load_model, read_checkpoint, state_path
 from nanochat.common import UserError, compute_init, peak_flops, run_main
 from nanochat.dataloader import DataLoader
-from nanochat.diffusion_roberta import SAMPLERS
+from nanochat.diffusion_roberta import SAMPLERS, DiffusionConfig
 from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg backend: no display needed)
 from nanochat.evaluate import evaluate_bpb
 from nanochat.ngram import NGram
@@ -156,12 +157,25 @@ def final_checkpoint(args, model_type, plan):
 
 
 def can_reuse(args, model_type, plan):
-    """Whether this model's run in --out_dir is complete and had the very flags this comparison would give it."""
+    """Whether this model's run in --out_dir is complete, with its best checkpoint, and computed what this comparison
+    would: the same model configuration (a checkpoint from before a model flag existed reads as trained without it)
+    and the same other flags (one added to diffusion_train since then counts as the same at its default)."""
     path = final_checkpoint(args, model_type, plan)
     if not (os.path.isfile(path) and os.path.isfile(state_path(path, 0))):
         return False
-    wanted = vars(diffusion_train.get_args(train_argv(args, model_type, plan["num_iterations"][model_type])))
-    return read_checkpoint(path)["meta"].get("args") == wanted
+    ckpt = read_checkpoint(path)
+    wanted_args = diffusion_train.get_args(train_argv(args, model_type, plan["num_iterations"][model_type]))
+    config_class = type(diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"]))
+    if config_class.from_dict(ckpt["config"]) != diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"]):
+        return False
+    model_flags, defaults = {f.name for f in fields(DiffusionConfig)}, vars(diffusion_train.get_args([]))
+    had = {k: v for k, v in ckpt["meta"].get("args", {}).items() if k not in model_flags}
+    wanted = {k: v for k, v in vars(wanted_args).items() if k not in model_flags}
+    if not (set(had) <= set(wanted) and all(had.get(k, defaults[k]) == v for k, v in wanted.items())):
+        return False
+    best = min(torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]["eval"], key=lambda e: e["val_bpb"])
+    best_file = best_path(os.path.join(args.out_dir, model_type), model_type)
+    return os.path.isfile(best_file) and read_checkpoint(best_file)["step"] == best["step"]  # not overwritten since
 
 
 def read_run(args, model_type, plan, device, peak):

@@ -68,6 +68,7 @@ def get_args(argv=None):
     a("--posterior_input", type=int, choices=[0, 1], default=int(D.posterior_input), help="feed p(w | z_t) @ W_in (a V x d input table) to the network")
     a("--time_warp", type=int, choices=[0, 1], default=int(D.time_warp), help="sample training timesteps where the loss changes fastest (CDCD)")
     a("--block_size", type=int, default=D.block_size, help="block diffusion: blocks of this many tokens, each given the clean blocks before it (0 = the whole sequence)")
+    a("--local_mix", type=int, default=D.local_mix, help="odd kernel size of a depthwise mix of neighbouring positions before every block (0 = off)")
     # data
     a("--data_dir", default=None, help="folder of parquet shards (default: $NANOCHAT_BASE_DIR/base_data, downloaded if empty)")
     a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer (trained on the data if missing)")
@@ -120,7 +121,7 @@ def model_config(args, vocab_size):
             time_cond=args.time_cond, self_cond=bool(args.self_cond), self_cond_rate=args.self_cond_rate,
             cond_rate=args.cond_rate, token_noise_rate=args.token_noise_rate, bound_samples=args.bound_samples,
             posterior_skip=bool(args.posterior_skip), posterior_input=bool(args.posterior_input), elbo_weight=args.elbo_weight,
-            time_warp=bool(args.time_warp), block_size=args.block_size)
+            time_warp=bool(args.time_warp), block_size=args.block_size, local_mix=args.local_mix)
     except ValueError as e:
         raise UserError(f"bad model settings: {e}") from None
 

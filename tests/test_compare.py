@@ -83,6 +83,27 @@ def test_compare_reuse_keeps_a_finished_run_with_the_same_flags(tiny_data_dir, t
     assert second["diffusion"]["evals"] != first["diffusion"]["evals"]
 
 
+def test_reuse_reads_old_checkpoints_as_trained_and_needs_the_best_checkpoint(tiny_data_dir, tiny_tokenizer, tmp_path):
+    argv = compare_argv(tiny_data_dir, tiny_tokenizer[1], tmp_path, "--flops", "1e8")
+    compare.main(argv)
+    args = compare.get_args(argv)
+    plan, _ = compare.make_plan(args, compare.torch.device("cpu"))
+    assert compare.can_reuse(args, "gpt", plan) and compare.can_reuse(args, "diffusion", plan)
+    path = compare.final_checkpoint(args, "diffusion", plan)
+    ckpt = compare.torch.load(path, weights_only=True)
+    for d in (ckpt["config"], ckpt["meta"]["args"]):  # as written before --local_mix existed: trained without it
+        del d["local_mix"]
+    compare.torch.save(ckpt, path)
+    assert not compare.can_reuse(args, "diffusion", plan)  # the default now mixes: another model
+    argv[argv.index("--diffusion_args") + 1] += " --local_mix 0"
+    assert compare.can_reuse(compare.get_args(argv), "diffusion", plan)
+    ckpt["meta"]["args"]["no_such_flag"] = 1  # a flag this version does not know: another computation
+    compare.torch.save(ckpt, path)
+    assert not compare.can_reuse(compare.get_args(argv), "diffusion", plan)
+    (tmp_path / "gpt" / "gpt_best.pt").unlink()  # e.g. overwritten by an interrupted rerun: its best step is gone
+    assert not compare.can_reuse(args, "gpt", plan)
+
+
 def test_compare_minutes_budget(tiny_data_dir, tiny_tokenizer, tmp_path):
     """--minutes: the GPT's measured FLOP/s times the minutes is the budget, shared by both models."""
     args = compare.get_args(compare_argv(tiny_data_dir, tiny_tokenizer[1], tmp_path, "--minutes", "0.5"))

@@ -268,6 +268,38 @@ def test_block_diffusion_learns_context_a_whole_sequence_model_does_not():
     assert math.log(k) / T < blocks < 0.7 * whole, (blocks, whole)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_local_mix_reaches_neighbours_without_attention(depth):
+    """With every attention output zeroed, a position's output depends on the noisy input of the positions within
+    local_mix // 2 per layer and on no others (none across a block boundary for block diffusion); without local_mix
+    it depends on its own input alone. At init the mix is zero: the model computes exactly what the same weights
+    compute without it."""
+    def reach(local_mix, block_size=0):
+        model = randomize(DiffusionRoBERTa(tiny_config(depth=depth, local_mix=local_mix, self_cond=False, block_size=block_size)))
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.c_proj.weight.zero_()
+        z = torch.randn(1, 16, 8, requires_grad=True)
+        no = torch.zeros(1, 16, dtype=torch.bool)
+        model.denoise(z, torch.zeros(1), no, torch.zeros(1, 16, 8))[0, 8].sum().backward()
+        return (z.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+
+    assert reach(0) == [8]
+    assert reach(3) == list(range(8 - depth, 9 + depth)) and reach(5) == list(range(8 - 2 * depth, 9 + 2 * depth))
+    assert reach(3, block_size=4) == [8, 9, 10, 11][: 1 + depth]  # 8 starts a block: nothing from block 7 leaks in
+    torch.manual_seed(0)
+    plain, mixed = DiffusionRoBERTa(tiny_config(depth=depth)), DiffusionRoBERTa(tiny_config(depth=depth, local_mix=3))
+    mixed.load_state_dict(plain.state_dict(), strict=False)  # the same weights; the convs keep their zero init
+    tokens = torch.randint(0, 32, (2, 16))
+    torch.manual_seed(1)
+    a = plain.eval().nll_bound(tokens, num_t=2)
+    torch.manual_seed(1)
+    assert torch.equal(a, mixed.eval().nll_bound(tokens, num_t=2))
+    for bad in (dict(local_mix=2), dict(local_mix=-1)):
+        with pytest.raises(ValueError):
+            tiny_config(**bad)
+
+
 def test_flops_and_params():
     model = DiffusionRoBERTa(tiny_config(depth=2, self_cond=False))
     n = model.matmul_params()
