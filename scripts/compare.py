@@ -41,9 +41,9 @@ from nanochat.checkpoint import best_path, build_model, checkpoint_path, load_mo
 from nanochat.common import UserError, compute_init, peak_flops, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.diffusion_roberta import SAMPLERS, DiffusionConfig
-from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg backend: no display needed)
 from nanochat.evaluate import evaluate_bpb
 from nanochat.ngram import NGram
+from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg backend: no display needed)
 from nanochat.sample_quality import generative_nll, sample_quality
 from nanochat.sampling import decode, generate
 from scripts import diffusion_train
@@ -165,8 +165,8 @@ def can_reuse(args, model_type, plan):
         return False
     ckpt = read_checkpoint(path)
     wanted_args = diffusion_train.get_args(train_argv(args, model_type, plan["num_iterations"][model_type]))
-    config_class = type(diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"]))
-    if config_class.from_dict(ckpt["config"]) != diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"]):
+    wanted_config = diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"])
+    if type(wanted_config).from_dict(ckpt["config"]) != wanted_config:
         return False
     model_flags, defaults = {f.name for f in fields(DiffusionConfig)}, vars(diffusion_train.get_args([]))
     had = {k: v for k, v in ckpt["meta"].get("args", {}).items() if k not in model_flags}
@@ -240,8 +240,8 @@ def ngram_models(args, tokenizer, device):
         rows.append(next(loader))
     rows, vocab = torch.cat(rows), tokenizer.get_vocab_size()
     val = diffusion_train.validation_batches(diffusion_train.get_args(train_argv(args, "gpt", 1)), tokenizer, 0, 1, device)
-    models = {name: NGram.fit(rows, order, vocab) for name, order in (("unigram", 1), ("bigram", 2))}
-    scores = {name: dict(evaluate_bpb(m, val, tokenizer.token_bytes(device)), mix=m.mix) for name, m in models.items()}
+    models, token_bytes = {name: NGram.fit(rows, order, vocab) for name, order in (("unigram", 1), ("bigram", 2))}, tokenizer.token_bytes(device)
+    scores = {name: dict(evaluate_bpb(m, val, token_bytes), mix=m.mix) for name, m in models.items()}
     return models, scores
 
 
