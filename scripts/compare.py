@@ -240,7 +240,8 @@ def ngram_models(args, tokenizer, device):
         rows.append(next(loader))
     rows, vocab = torch.cat(rows), tokenizer.get_vocab_size()
     val = diffusion_train.validation_batches(diffusion_train.get_args(train_argv(args, "gpt", 1)), tokenizer, 0, 1, device)
-    models, token_bytes = {name: NGram.fit(rows, order, vocab) for name, order in (("unigram", 1), ("bigram", 2))}, tokenizer.token_bytes(device)
+    models = {name: NGram.fit(rows, order, vocab) for name, order in (("unigram", 1), ("bigram", 2))}
+    token_bytes = tokenizer.token_bytes(device)
     scores = {name: dict(evaluate_bpb(m, val, token_bytes), mix=m.mix) for name, m in models.items()}
     return models, scores
 
