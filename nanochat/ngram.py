@@ -54,18 +54,19 @@ class NGram:
         return -p.log().float().to(tokens.device), tokens[:, 1:]
 
     def sample(self, num_samples, length, bos_id, generator=None):
-        """num_samples lists of length token ids from the counts alone (no smoothing, no mix): order 1 draws each
-        token by its frequency, order 2 given the token before it, the first one given BOS (the networks' samples
-        start there too). A token never seen with a successor falls back to the frequencies."""
+        """num_samples lists of length token ids drawn from exactly the model that token_nll scores, the first one
+        given BOS (the networks' samples start there too): order 1 by the smoothed frequencies; order 2 with
+        probability mix from the pairs counted after the token before, else (and always after a token never seen
+        with a successor) by the frequencies."""
         samples = []
         for _ in range(num_samples):
             token, sample = bos_id, []
             for _ in range(length):
-                c = token if self.order == 2 else 0
-                lo, hi = torch.searchsorted(self.key_ctx, torch.tensor([c, c + 1])).tolist()
-                if lo == hi:
-                    lo, hi = 0, len(self.keys)
-                token = int(self.keys[lo + torch.multinomial(self.counts[lo:hi], 1, generator=generator)]) % self.V
+                lo, hi = torch.searchsorted(self.key_ctx, torch.tensor([token, token + 1])).tolist() if self.order == 2 else (0, 0)
+                if lo < hi and torch.rand((), generator=generator) < self.mix:
+                    token = int(self.keys[lo + torch.multinomial(self.counts[lo:hi], 1, generator=generator)]) % self.V
+                else:
+                    token = int(torch.multinomial(self.unigram, 1, generator=generator))
                 sample.append(token)
             samples.append(sample)
         return samples
