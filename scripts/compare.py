@@ -168,9 +168,12 @@ def can_reuse(args, model_type, plan):
     wanted_config = diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"])
     if type(wanted_config).from_dict(ckpt["config"]) != wanted_config:
         return False
-    model_flags, defaults = {f.name for f in fields(DiffusionConfig)}, vars(diffusion_train.get_args([]))
-    had = {k: v for k, v in ckpt["meta"].get("args", {}).items() if k not in model_flags}
-    wanted = {k: v for k, v in vars(wanted_args).items() if k not in model_flags}
+    # flags that do not change this run: the model's own (compared above) and the rates of groups it has no
+    # parameters in (the GPT has no "other" group)
+    empty = {f"{group}_lr" for group, params in build_model(model_type, ckpt["config"]).param_groups().items() if not params}
+    ignored, defaults = {f.name for f in fields(DiffusionConfig)} | empty, vars(diffusion_train.get_args([]))
+    had = {k: v for k, v in ckpt["meta"].get("args", {}).items() if k not in ignored}
+    wanted = {k: v for k, v in vars(wanted_args).items() if k not in ignored}
     if not (set(had) <= set(wanted) and all(had.get(k, defaults[k]) == v for k, v in wanted.items())):
         return False
     best = min(torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]["eval"], key=lambda e: e["val_bpb"])

@@ -81,7 +81,7 @@ def get_args(argv=None):
     a("--matrix_lr", type=float, default=0.02, help="Muon, hidden matrices")
     a("--embedding_lr", type=float, default=0.2, help="AdamW, token embeddings")
     a("--head_lr", type=float, default=None, help="AdamW, output head (default: 0.001 for diffusion, 0.004 for the gpt)")
-    a("--other_lr", type=float, default=0.004, help="AdamW, projections, time MLP, adaLN")
+    a("--other_lr", type=float, default=0.02, help="AdamW, the diffusion model's projections, time MLP, adaLN, local mixing")
     a("--warmup_ratio", type=float, default=0.0)
     a("--warmdown_ratio", type=float, default=0.2)
     a("--final_lr_frac", type=float, default=0.0)

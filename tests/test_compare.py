@@ -100,6 +100,14 @@ def test_reuse_reads_old_checkpoints_as_trained_and_needs_the_best_checkpoint(ti
     ckpt["meta"]["args"]["no_such_flag"] = 1  # a flag this version does not know: another computation
     compare.torch.save(ckpt, path)
     assert not compare.can_reuse(compare.get_args(argv), "diffusion", plan)
+    gpt_path = compare.final_checkpoint(args, "gpt", plan)
+    gpt = compare.torch.load(gpt_path, weights_only=True)
+    gpt["meta"]["args"]["other_lr"] = 0.001  # the GPT has no "other" parameters: this rate changes nothing
+    compare.torch.save(gpt, gpt_path)
+    assert compare.can_reuse(args, "gpt", plan)
+    gpt["meta"]["args"]["matrix_lr"] = 0.001  # this one does
+    compare.torch.save(gpt, gpt_path)
+    assert not compare.can_reuse(args, "gpt", plan)
     (tmp_path / "gpt" / "gpt_best.pt").unlink()  # e.g. overwritten by an interrupted rerun: its best step is gone
     assert not compare.can_reuse(args, "gpt", plan)
 
