@@ -339,13 +339,14 @@ class DiffusionRoBERTa(nn.Module):
         return flops
 
     def param_groups(self):
-        """Hidden matrices go to Muon; embeddings, head, projections and scalars go to AdamW."""
+        """Hidden matrices go to Muon; embeddings, head, local mixing, projections and scalars go to AdamW."""
         matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.") and ".modulation." not in n]
         embedding = [t.weight for t in (self.embedding, self.input_embedding, self.context_embedding) if t is not None]
         head = [self.head.weight]
-        taken = {id(p) for p in matrix + embedding + head}
+        mix = [self.local_mix] if self.local_mix is not None else []
+        taken = {id(p) for p in matrix + embedding + head + mix}
         other = [p for p in self.parameters() if id(p) not in taken]
-        return dict(matrix=matrix, embedding=embedding, head=head, other=other)
+        return dict(matrix=matrix, embedding=embedding, head=head, other=other, mix=mix)
 
     # --- the denoiser ------------------------------------------------------
 

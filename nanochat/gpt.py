@@ -86,7 +86,7 @@ class GPT(nn.Module):
 
     def param_groups(self):
         matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.")]
-        return dict(matrix=matrix, embedding=[self.wte.weight], head=[self.lm_head.weight], other=[])
+        return dict(matrix=matrix, embedding=[self.wte.weight], head=[self.lm_head.weight], other=[], mix=[])
 
     def logits(self, idx, start=0, kv_caches=None):
         T = idx.size(1)

@@ -41,7 +41,7 @@ class Muon(torch.optim.Optimizer):
                 p.add_(g, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
 
-def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, head_lr=0.004, other_lr=0.004, weight_decay=0.0):
+def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, head_lr=0.004, other_lr=0.004, mix_lr=0.02, weight_decay=0.0):
     """[AdamW, Muon] over the model's param_groups(). AdamW learning rates are scaled by 1/sqrt(width/768),
     as nanochat does, so that one set of defaults serves every depth."""
     groups = model.param_groups()
@@ -50,6 +50,7 @@ def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, head_lr=0.004, oth
         dict(params=groups["embedding"], lr=embedding_lr * scale),
         dict(params=groups["head"], lr=head_lr * scale),
         dict(params=groups["other"], lr=other_lr * scale),
+        dict(params=groups["mix"], lr=mix_lr * scale),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)

@@ -81,7 +81,8 @@ def get_args(argv=None):
     a("--matrix_lr", type=float, default=0.02, help="Muon, hidden matrices")
     a("--embedding_lr", type=float, default=0.2, help="AdamW, token embeddings")
     a("--head_lr", type=float, default=None, help="AdamW, output head (default: 0.001 for diffusion, 0.004 for the gpt)")
-    a("--other_lr", type=float, default=0.02, help="AdamW, the diffusion model's projections, time MLP, adaLN, local mixing")
+    a("--other_lr", type=float, default=0.004, help="AdamW, projections, time MLP, adaLN")
+    a("--mix_lr", type=float, default=0.02, help="AdamW, local mixing (the diffusion model's --local_mix)")
     a("--warmup_ratio", type=float, default=0.0)
     a("--warmdown_ratio", type=float, default=0.2)
     a("--final_lr_frac", type=float, default=0.0)
@@ -227,7 +228,7 @@ def train(args, ddp, rank, world_size, device):
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args.model, config.to_dict()).to(device)
     head_lr = HEAD_LR[args.model] if args.head_lr is None else args.head_lr
-    optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, head_lr, args.other_lr)
+    optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, head_lr, args.other_lr, args.mix_lr)
     start_step, loader_states, history, total_time = 0, [None] * grad_accum, {"train": [], "eval": []}, 0.0
     if args.resume:
         start_step, loader_states, history, total_time = resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_accum)
@@ -283,7 +284,7 @@ def train(args, ddp, rank, world_size, device):
     def nonfinite(what, value):
         where = f"the last good checkpoint is {last_path}" if last_path else "no checkpoint was written in this run"
         return UserError(f"{what} is {value} at step {step}; stopping before the update ({where}). "
-                         f"Try lower learning rates (--matrix_lr, --embedding_lr, --head_lr, --other_lr)"
+                         f"Try lower learning rates (--matrix_lr, --embedding_lr, --head_lr, --other_lr, --mix_lr)"
                          + ("" if args.grad_clip > 0 else " or --grad_clip 1.0"))
 
     stop = StopRequest()
@@ -420,8 +421,12 @@ def resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_ac
     if ckpt["step"] > args.num_iterations:
         raise UserError(f"{path} is at step {ckpt['step']}, beyond --num_iterations {args.num_iterations}")
     model.load_state_dict(ckpt["model"])
-    for opt, sd in zip(optimizers, state["optimizers"]):
-        opt.load_state_dict(sd)
+    try:
+        for opt, sd in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+    except ValueError as e:  # e.g. a run from before the optimiser had its "mix" group
+        raise UserError(f"the optimiser state of {path} does not fit this version's parameter groups ({e}); "
+                        f"resume with the version of the code that wrote it, or start a fresh run") from None
     old_args = ckpt.get("meta", {}).get("args", {})
     changed = sorted(k for k, v in vars(args).items() if k in old_args and old_args[k] != v and k not in RESUME_FREE_ARGS)
     if changed:

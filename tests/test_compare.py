@@ -102,7 +102,7 @@ def test_reuse_reads_old_checkpoints_as_trained_and_needs_the_best_checkpoint(ti
     assert not compare.can_reuse(compare.get_args(argv), "diffusion", plan)
     gpt_path = compare.final_checkpoint(args, "gpt", plan)
     gpt = compare.torch.load(gpt_path, weights_only=True)
-    gpt["meta"]["args"]["other_lr"] = 0.001  # the GPT has no "other" parameters: this rate changes nothing
+    gpt["meta"]["args"]["mix_lr"] = 0.001  # the GPT has no local mixing: this rate changes nothing
     compare.torch.save(gpt, gpt_path)
     assert compare.can_reuse(args, "gpt", plan)
     gpt["meta"]["args"]["matrix_lr"] = 0.001  # this one does

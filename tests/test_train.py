@@ -181,6 +181,12 @@ def test_resume_with_another_config_or_nothing_is_a_clear_error(reference, data,
         train(*data, "--total_batch_size", 64, "--num_iterations", 6, "--checkpoint_dir", tmp_path, "--resume")
     with pytest.raises(UserError, match="no complete diffusion checkpoint"):
         train(*data, "--num_iterations", 6, "--checkpoint_dir", tmp_path / "empty", "--resume")
+    state_file = state_path(str(tmp_path / "diffusion_step_000006.pt"), 0)
+    state = torch.load(state_file, weights_only=True)
+    state["optimizers"][0]["param_groups"].pop()  # as written before local mixing had a group of its own
+    torch.save(state, state_file)
+    with pytest.raises(UserError, match="does not fit this version's parameter groups"):
+        train(*data, "--num_iterations", 6, "--checkpoint_dir", tmp_path, "--resume")
 
 
 # --- failures ------------------------------------------------------------------------------------------
