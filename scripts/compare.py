@@ -169,7 +169,7 @@ def can_reuse(args, model_type, plan):
     if type(wanted_config).from_dict(ckpt["config"]) != wanted_config:
         return False
     # flags that do not change this run: the model's own (compared above) and the rates of groups it has no
-    # parameters in (the GPT has no "other" group)
+    # parameters in (the GPT has no "other" or "mix" parameters)
     empty = {f"{group}_lr" for group, params in build_model(model_type, ckpt["config"]).param_groups().items() if not params}
     ignored, defaults = {f.name for f in fields(DiffusionConfig)} | empty, vars(diffusion_train.get_args([]))
     had = {k: v for k, v in ckpt["meta"].get("args", {}).items() if k not in ignored}
