@@ -62,8 +62,8 @@ class NGram:
         for _ in range(num_samples):
             token, sample = bos_id, []
             for _ in range(length):
-                lo, hi = torch.searchsorted(self.key_ctx, torch.tensor([token, token + 1])).tolist() if self.order == 2 else (0, 0)
-                if lo < hi and torch.rand((), generator=generator) < self.mix:
+                lo, hi = torch.searchsorted(self.key_ctx, torch.tensor([token, token + 1])).tolist()
+                if lo < hi and torch.rand((), generator=generator) < self.mix:  # never for order 1: its mix is 0
                     token = int(self.keys[lo + torch.multinomial(self.counts[lo:hi], 1, generator=generator)]) % self.V
                 else:
                     token = int(torch.multinomial(self.unigram, 1, generator=generator))

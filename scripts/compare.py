@@ -165,12 +165,12 @@ def can_reuse(args, model_type, plan):
         return False
     ckpt = read_checkpoint(path)
     wanted_args = diffusion_train.get_args(train_argv(args, model_type, plan["num_iterations"][model_type]))
-    wanted_config = diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"])
-    if type(wanted_config).from_dict(ckpt["config"]) != wanted_config:
+    trained = build_model(model_type, ckpt["config"])
+    if trained.config != diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"]):
         return False
     # flags that do not change this run: the model's own (compared above) and the rates of groups it has no
     # parameters in (the GPT has no "other" or "mix" parameters)
-    empty = {f"{group}_lr" for group, params in build_model(model_type, ckpt["config"]).param_groups().items() if not params}
+    empty = {f"{group}_lr" for group, params in trained.param_groups().items() if not params}
     ignored, defaults = {f.name for f in fields(DiffusionConfig)} | empty, vars(diffusion_train.get_args([]))
     had = {k: v for k, v in ckpt["meta"].get("args", {}).items() if k not in ignored}
     wanted = {k: v for k, v in vars(wanted_args).items() if k not in ignored}
