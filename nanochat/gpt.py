@@ -21,10 +21,13 @@ class GPTConfig:
     depth: int = 12
     head_dim: int = 64
     max_seq_len: int = 1024
+    local_mix: int = 0  # K > 0: before every block, each position adds a learned depthwise mix of itself and its K - 1 predecessors
 
     def __post_init__(self):
         if self.depth < 1 or self.vocab_size < 2 or self.max_seq_len < 1:
             raise ValueError("sizes must be positive")
+        if self.local_mix < 0:
+            raise ValueError("local_mix must be 0 (off) or a kernel size >= 1")
         if self.model_dim % self.head_dim:
             raise ValueError(f"model_dim {self.model_dim} must be a multiple of head_dim {self.head_dim}")
 
@@ -48,10 +51,10 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of one layer, grown as tokens are decoded."""
+    """Keys and values of one layer, grown as tokens are decoded, and the layer's last inputs for local mixing."""
 
     def __init__(self):
-        self.k = self.v = None
+        self.k = self.v = self.recent = None
 
     def append(self, k, v):
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
@@ -67,12 +70,16 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, d)
         self.blocks = nn.ModuleList([Block(d, config.n_head, causal=True) for _ in range(config.depth)])
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        # the diffusion model's local mixing made causal (Canon layers): zero-initialised, so the GPT starts plain
+        self.local_mix = nn.Parameter(torch.zeros(config.depth, config.local_mix, d)) if config.local_mix else None
         cos, sin = rotary_cos_sin(config.max_seq_len, config.head_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         init_transformer_weights(self)
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
+        if self.local_mix is not None:
+            nn.init.zeros_(self.local_mix)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -86,15 +93,31 @@ class GPT(nn.Module):
 
     def param_groups(self):
         matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.")]
-        return dict(matrix=matrix, embedding=[self.wte.weight], head=[self.lm_head.weight], other=[], mix=[])
+        mix = [self.local_mix] if self.local_mix is not None else []
+        return dict(matrix=matrix, embedding=[self.wte.weight], head=[self.lm_head.weight], other=[], mix=mix)
 
     def logits(self, idx, start=0, kv_caches=None):
         T = idx.size(1)
         cos_sin = (self.rope_cos[:, start:start + T], self.rope_sin[:, start:start + T])
         h = self.wte(idx)
         for i, block in enumerate(self.blocks):
-            h = block(h, cos_sin, kv_cache=None if kv_caches is None else kv_caches[i])
+            cache = None if kv_caches is None else kv_caches[i]
+            if self.local_mix is not None:
+                h = self.mix_predecessors(h, self.local_mix[i], cache)
+            h = block(h, cos_sin, kv_cache=cache)
         return self.lm_head(norm(h)).float()
+
+    @staticmethod
+    def mix_predecessors(h, weight, cache=None):
+        """h (B,T,d) plus a causal depthwise convolution over positions with weight (k, d): each position adds
+        weight[j] * (its predecessor at distance k - 1 - j), zeros before the start. When decoding, the cache holds
+        the last k - 1 inputs before h."""
+        k, T = weight.size(0), h.size(1)
+        before = cache.recent if cache is not None and cache.recent is not None else h.new_zeros(h.size(0), 0, h.size(2))
+        padded = F.pad(torch.cat([before, h], dim=1), (0, 0, max(0, k - 1 - before.size(1)), 0))[:, -(T + k - 1):]
+        if cache is not None:
+            cache.recent = padded[:, padded.size(1) - (k - 1):]
+        return h + sum(padded[:, j:j + T] * weight[j].to(h.dtype) for j in range(k))
 
     def forward(self, tokens):
         """Mean next-token cross-entropy over a (B, T) block: T - 1 predictions per row."""

@@ -68,7 +68,7 @@ def get_args(argv=None):
     a("--posterior_input", type=int, choices=[0, 1], default=int(D.posterior_input), help="feed p(w | z_t) @ W_in (a V x d input table) to the network")
     a("--time_warp", type=int, choices=[0, 1], default=int(D.time_warp), help="sample training timesteps where the loss changes fastest (CDCD)")
     a("--block_size", type=int, default=D.block_size, help="block diffusion: blocks of this many tokens, each given the clean blocks before it (0 = the whole sequence)")
-    a("--local_mix", type=int, default=D.local_mix, help="odd kernel size of a depthwise mix of neighbouring positions before every block (0 = off)")
+    a("--local_mix", type=int, default=None, help=f"kernel size of a depthwise mix of neighbouring positions before every block, odd for diffusion, causal for the GPT (0 = off; default {D.local_mix} for diffusion, {GPTConfig.local_mix} for the GPT)")
     # data
     a("--data_dir", default=None, help="folder of parquet shards (default: $NANOCHAT_BASE_DIR/base_data, downloaded if empty)")
     a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer (trained on the data if missing)")
@@ -82,7 +82,7 @@ def get_args(argv=None):
     a("--embedding_lr", type=float, default=0.2, help="AdamW, token embeddings")
     a("--head_lr", type=float, default=None, help="AdamW, output head (default: 0.001 for diffusion, 0.004 for the gpt)")
     a("--other_lr", type=float, default=0.004, help="AdamW, projections, time MLP, adaLN")
-    a("--mix_lr", type=float, default=0.02, help="AdamW, local mixing (the diffusion model's --local_mix)")
+    a("--mix_lr", type=float, default=0.02, help="AdamW, local mixing (--local_mix)")
     a("--warmup_ratio", type=float, default=0.0)
     a("--warmdown_ratio", type=float, default=0.2)
     a("--final_lr_frac", type=float, default=0.0)
@@ -114,15 +114,17 @@ def check_args(args):
 
 def model_config(args, vocab_size):
     try:
+        # each model's own default where --local_mix is not given
+        mix = {} if args.local_mix is None else dict(local_mix=args.local_mix)
         if args.model == "gpt":
-            return GPTConfig(vocab_size=vocab_size, depth=args.depth, max_seq_len=args.max_seq_len)
+            return GPTConfig(vocab_size=vocab_size, depth=args.depth, max_seq_len=args.max_seq_len, **mix)
         return DiffusionConfig(
             vocab_size=vocab_size, depth=args.depth, max_seq_len=args.max_seq_len, embed_dim=args.embed_dim,
             objective=args.objective, schedule=args.schedule, gamma_min=args.gamma_min, gamma_max=args.gamma_max,
             time_cond=args.time_cond, self_cond=bool(args.self_cond), self_cond_rate=args.self_cond_rate,
             cond_rate=args.cond_rate, token_noise_rate=args.token_noise_rate, bound_samples=args.bound_samples,
             posterior_skip=bool(args.posterior_skip), posterior_input=bool(args.posterior_input), elbo_weight=args.elbo_weight,
-            time_warp=bool(args.time_warp), block_size=args.block_size, local_mix=args.local_mix)
+            time_warp=bool(args.time_warp), block_size=args.block_size, **mix)
     except ValueError as e:
         raise UserError(f"bad model settings: {e}") from None
 

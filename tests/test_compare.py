@@ -89,6 +89,9 @@ def test_reuse_reads_old_checkpoints_as_trained_and_needs_the_best_checkpoint(ti
     args = compare.get_args(argv)
     plan, _ = compare.make_plan(args, compare.torch.device("cpu"))
     assert compare.can_reuse(args, "gpt", plan) and compare.can_reuse(args, "diffusion", plan)
+    runs = {m: compare.train_argv(args, m, 240) for m in ("gpt", "diffusion")}
+    every = {m: argv_m[argv_m.index("--eval_every") + 1] for m, argv_m in runs.items()}
+    assert every == {"gpt": "10", "diffusion": "30"}  # the GPT's best point, which it reports, on a finer grid
     path = compare.final_checkpoint(args, "diffusion", plan)
     ckpt = compare.torch.load(path, weights_only=True)
     for d in (ckpt["config"], ckpt["meta"]["args"]):  # as written before --local_mix existed: trained without it
@@ -105,6 +108,7 @@ def test_reuse_reads_old_checkpoints_as_trained_and_needs_the_best_checkpoint(ti
     gpt["meta"]["args"]["mix_lr"] = 0.001  # the GPT has no local mixing: this rate changes nothing
     compare.torch.save(gpt, gpt_path)
     assert compare.can_reuse(args, "gpt", plan)
+    assert not compare.can_reuse(compare.get_args(argv + ["--gpt_args", "--local_mix 3"]), "gpt", plan)  # another GPT
     gpt["meta"]["args"]["matrix_lr"] = 0.001  # this one does
     compare.torch.save(gpt, gpt_path)
     assert not compare.can_reuse(args, "gpt", plan)

@@ -117,9 +117,10 @@ def test_command_module_and_flags(doc, module, args):
     assert path.is_file(), f"{doc}: no module {module}"
     parser = get_parser(module)
     check_flag_names(doc, module, parser, args)
-    if module == "scripts.compare" and "--diffusion_args" in args:  # flags passed on to diffusion_train
-        inner = shlex.split(args[args.index("--diffusion_args") + 1])
-        check_flag_names(doc, "scripts.diffusion_train", get_parser("scripts.diffusion_train"), inner)
+    for passed_on in ("--diffusion_args", "--gpt_args"):  # scripts.compare's flags for diffusion_train
+        if module == "scripts.compare" and passed_on in args:
+            inner = shlex.split(args[args.index(passed_on) + 1])
+            check_flag_names(doc, "scripts.diffusion_train", get_parser("scripts.diffusion_train"), inner)
     if "--help" in args or "-h" in args:
         return
     concrete = ["1" if "$" in tok else tok for tok in args]

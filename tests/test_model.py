@@ -10,6 +10,7 @@ from nanochat.diffusion_roberta import (
     OBJECTIVES, SCHEDULES, WARP_BINS, WARP_FLOOR, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, apply_rotary,
     block_attention_mask, rotary_cos_sin,
 )
+from nanochat.gpt import GPT, GPTConfig, KVCache
 
 
 def tiny_config(**kw):
@@ -379,3 +380,36 @@ def test_context_gain_detects_learned_context():
         opt.step()
     trained = context_gain(model.eval(), batch(), uniform, [gamma])[0]
     assert trained["no_context_ce"] > 1.0 and trained["gain"] > 0.5, trained
+
+
+@pytest.mark.parametrize("local_mix", [0, 1, 3])
+def test_gpt_local_mix_is_causal_and_decodes_with_the_cache(local_mix):
+    """The GPT's local mixing is causal: with attention zeroed, position 8 depends on the inputs of itself and its
+    local_mix - 1 predecessors per layer, never on later ones; decoding token by token through the KV cache gives the
+    logits of one full forward pass; at init the mix is zero, so the model computes what the plain GPT does."""
+    depth = 2
+    model = randomize(GPT(GPTConfig(vocab_size=32, depth=depth, max_seq_len=16, local_mix=local_mix))).eval()
+    tokens = torch.randint(0, 32, (2, 16))
+    caches = [KVCache() for _ in model.blocks]
+    steps = [model.logits(tokens[:, :5], 0, caches)] + [model.logits(tokens[:, t:t + 1], t, caches) for t in range(5, 16)]
+    assert torch.allclose(torch.cat(steps, dim=1), model.logits(tokens), atol=1e-5)
+
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_proj.weight.zero_()
+    h = model.wte(tokens[:1]).detach().requires_grad_(True)
+    x = h
+    for i, block in enumerate(model.blocks):
+        x = block(model.mix_predecessors(x, model.local_mix[i]) if local_mix else x, (model.rope_cos[:, :16], model.rope_sin[:, :16]))
+    x[0, 8].sum().backward()
+    reach = (h.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert reach == list(range(8 - depth * max(local_mix - 1, 0), 9))
+
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=32, depth=depth, max_seq_len=16))
+    mixed = GPT(GPTConfig(vocab_size=32, depth=depth, max_seq_len=16, local_mix=3))
+    mixed.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.equal(plain.logits(tokens), mixed.logits(tokens))
+    assert [len(mixed.param_groups()[g]) for g in ("mix", "other")] == [1, 0] and not plain.param_groups()["mix"]
+    with pytest.raises(ValueError):
+        GPTConfig(local_mix=-1)

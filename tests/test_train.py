@@ -279,6 +279,9 @@ def test_gpt_baseline_trains_with_the_same_loop(data, tmp_path):
     assert ckpt["model_type"] == "gpt" and ckpt["step"] == 3
     assert (tmp_path / "report_gpt.md").is_file() and (tmp_path / "gpt_curves.png").is_file()
     assert find_latest(str(tmp_path), "diffusion", 1) is None
+    assert ckpt["config"]["local_mix"] == 0  # the GPT's own default, not the diffusion model's
+    train(*data, "--model", "gpt", "--local_mix", 3, "--num_iterations", 2, "--checkpoint_dir", tmp_path / "mix")
+    assert load(tmp_path / "mix" / "gpt_step_000002.pt")["config"]["local_mix"] == 3
 
 
 def test_end_to_end_validation_bpb_falls(data, tmp_path):
