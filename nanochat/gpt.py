@@ -113,10 +113,10 @@ class GPT(nn.Module):
         weight[j] * (its predecessor at distance k - 1 - j), zeros before the start. When decoding, the cache holds
         the last k - 1 inputs before h."""
         k, T = weight.size(0), h.size(1)
-        before = cache.recent if cache is not None and cache.recent is not None else h.new_zeros(h.size(0), 0, h.size(2))
-        padded = F.pad(torch.cat([before, h], dim=1), (0, 0, max(0, k - 1 - before.size(1)), 0))[:, -(T + k - 1):]
+        fresh = cache is None or cache.recent is None
+        padded = torch.cat([h.new_zeros(h.size(0), k - 1, h.size(2)) if fresh else cache.recent, h], dim=1)
         if cache is not None:
-            cache.recent = padded[:, padded.size(1) - (k - 1):]
+            cache.recent = padded[:, T:]
         return h + sum(padded[:, j:j + T] * weight[j].to(h.dtype) for j in range(k))
 
     def forward(self, tokens):
