@@ -78,8 +78,6 @@ class GPT(nn.Module):
         init_transformer_weights(self)
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
-        if self.local_mix is not None:
-            nn.init.zeros_(self.local_mix)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
