@@ -177,9 +177,9 @@ def can_reuse(args, model_type, plan):
     # parameters in (the GPT has no "other" or "mix" parameters)
     empty = {f"{group}_lr" for group, params in trained.param_groups().items() if not params}
     ignored, defaults = {f.name for f in fields(DiffusionConfig)} | empty, vars(diffusion_train.get_args([]))
-    had = {k: v for k, v in ckpt["meta"].get("args", {}).items() if k not in ignored}
-    wanted = {k: v for k, v in vars(wanted_args).items() if k not in ignored}
-    if not (set(had) <= set(wanted) and all(had.get(k, defaults[k]) == v for k, v in wanted.items())):
+    saved = ckpt["meta"].get("args", {})
+    had, wanted = diffusion_train.resolve(defaults | saved), diffusion_train.resolve(vars(wanted_args))
+    if not set(saved) <= set(defaults) or any(had[k] != v for k, v in wanted.items() if k not in ignored):
         return False
     best = min(torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]["eval"], key=lambda e: e["val_bpb"])
     best_file = best_path(os.path.join(args.out_dir, model_type), model_type)

@@ -40,9 +40,15 @@ from nanochat.report import write_report
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 D = DiffusionConfig()  # defaults shown in --help
-# The diffusion head only learns what context adds to the posterior skip, a signal weak enough that the GPT's head
-# learning rate mostly adds noise to the logits (DIFFUSION_README, "Ablations": 2.889 -> 2.857 at 500 steps).
-HEAD_LR = {"gpt": 0.004, "diffusion": 0.001}
+# Flags whose default depends on the model. The diffusion model learns from a much noisier gradient than the GPT
+# (one random noise level per row): its head only learns what context adds to the posterior skip, and the GPT's rates
+# mostly add noise (DIFFUSION_README, "Ablations", 500 steps: head 2.889 -> 2.857, Muon 2.607 -> 2.554).
+MODEL_DEFAULTS = {"head_lr": {"gpt": 0.004, "diffusion": 0.001}, "matrix_lr": {"gpt": 0.02, "diffusion": 0.01}}
+
+
+def resolve(flags):
+    """flags (a dict, as vars(args)) with each model-dependent flag left at None set to the model's default."""
+    return flags | {k: per_model[flags["model"]] for k, per_model in MODEL_DEFAULTS.items() if flags.get(k) is None}
 
 
 def get_args(argv=None):
@@ -78,7 +84,7 @@ def get_args(argv=None):
     a("--num_iterations", type=int, default=5000)
     a("--device_batch_size", type=int, default=32)
     a("--total_batch_size", type=int, default=-1, help="tokens per step; -1 = device_batch_size * max_seq_len * world_size")
-    a("--matrix_lr", type=float, default=0.02, help="Muon, hidden matrices")
+    a("--matrix_lr", type=float, default=None, help="Muon, hidden matrices (default: 0.01 for diffusion, 0.02 for the gpt)")
     a("--embedding_lr", type=float, default=0.2, help="AdamW, token embeddings")
     a("--head_lr", type=float, default=None, help="AdamW, output head (default: 0.001 for diffusion, 0.004 for the gpt)")
     a("--other_lr", type=float, default=0.004, help="AdamW, projections, time MLP, adaLN")
@@ -229,8 +235,8 @@ def train(args, ddp, rank, world_size, device):
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args.model, config.to_dict()).to(device)
-    head_lr = HEAD_LR[args.model] if args.head_lr is None else args.head_lr
-    optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, head_lr, args.other_lr, args.mix_lr)
+    lr = resolve(vars(args))
+    optimizers = setup_optimizers(model, lr["matrix_lr"], args.embedding_lr, lr["head_lr"], args.other_lr, args.mix_lr)
     start_step, loader_states, history, total_time = 0, [None] * grad_accum, {"train": [], "eval": []}, 0.0
     if args.resume:
         start_step, loader_states, history, total_time = resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_accum)
@@ -254,7 +260,7 @@ def train(args, ddp, rank, world_size, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     flops_per_token = raw_model.flops_per_token(args.max_seq_len)
     peak = peak_flops(device) * world_size
-    wandb_run = init_wandb(args.run, rank, vars(args) | {"model_config": config.to_dict()})
+    wandb_run = init_wandb(args.run, rank, lr | {"model_config": config.to_dict()})
     print0(f"{args.model}: {raw_model.num_params():,} parameters, {flops_per_token:.3e} training FLOPs/token, "
            f"vocab {config.vocab_size}, device {device}, world size {world_size}")
     print0(f"batch: {total_batch_size:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x {world_size} ranks "
@@ -279,7 +285,7 @@ def train(args, ddp, rank, world_size, device):
         if ddp:
             dist.barrier()
         if rank == 0:  # written last: its presence marks a complete checkpoint
-            save_model_file(path, step, raw_model, args.model, tokenizer, meta={"args": vars(args)})
+            save_model_file(path, step, raw_model, args.model, tokenizer, meta={"args": lr})
             print0(f"saved {path}")
         return path
 
@@ -311,7 +317,7 @@ def train(args, ddp, rank, world_size, device):
                 if rank == 0 and all(val["bpb"] < e["val_bpb"] for e in history["eval"][:-1]):  # early stopping's pick
                     os.makedirs(args.checkpoint_dir, exist_ok=True)
                     save_model_file(best_path(args.checkpoint_dir, args.model), step, raw_model, args.model, tokenizer,
-                                    meta={"args": vars(args), "val_bpb": val["bpb"]})
+                                    meta={"args": lr, "val_bpb": val["bpb"]})
                 wandb_run.log({"step": step, "val/loss": val_loss, "val/bpb": val["bpb"]})
             if rank == 0 and (args.sample_every > 0 and step > start_step and step % args.sample_every == 0
                               or args.sample_every != 0 and last(step)):
@@ -383,7 +389,7 @@ def train(args, ddp, rank, world_size, device):
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     if rank == 0:
-        report = write_report(args.checkpoint_dir, args.model, vars(args), raw_model, history, device,
+        report = write_report(args.checkpoint_dir, args.model, lr, raw_model, history, device,
                               samples=sample_texts(raw_model.eval(), args.model, tokenizer, 3, min(64, args.max_seq_len), args.seed),
                               tokens_per_second=total_batch_size * (step - start_step - 1) / total_time if total_time else None)
         print0(f"report: {report}")
@@ -423,17 +429,21 @@ def resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_ac
     if ckpt["step"] > args.num_iterations:
         raise UserError(f"{path} is at step {ckpt['step']}, beyond --num_iterations {args.num_iterations}")
     model.load_state_dict(ckpt["model"])
+    rates = [[group["initial_lr"] for group in opt.param_groups] for opt in optimizers]
     try:
         for opt, sd in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
     except ValueError as e:  # e.g. a run from before the optimiser had its "mix" group
         raise UserError(f"the optimiser state of {path} does not fit this version's parameter groups ({e}); "
                         f"resume with the version of the code that wrote it, or start a fresh run") from None
-    old_args = ckpt.get("meta", {}).get("args", {})
-    changed = sorted(k for k, v in vars(args).items() if k in old_args and old_args[k] != v and k not in RESUME_FREE_ARGS)
+    for opt, group_rates in zip(optimizers, rates):  # a state dict carries its run's rates; this run's flags decide
+        for group, rate in zip(opt.param_groups, group_rates):
+            group["initial_lr"] = rate
+    old_args, now = resolve({"model": args.model} | ckpt.get("meta", {}).get("args", {})), resolve(vars(args))
+    changed = sorted(k for k, v in now.items() if k in old_args and old_args[k] != v and k not in RESUME_FREE_ARGS)
     if changed:
         print0("note: continuing with settings that differ from the checkpoint's: "
-               + ", ".join(f"--{k} {old_args[k]} -> {getattr(args, k)}" for k in changed))
+               + ", ".join(f"--{k} {old_args[k]} -> {now[k]}" for k in changed))
     print0(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"], state["loaders"], state["history"], state.get("total_time", 0.0)
 

@@ -106,8 +106,13 @@ def test_reuse_reads_old_checkpoints_as_trained_and_needs_the_best_checkpoint(ti
     gpt_path = compare.final_checkpoint(args, "gpt", plan)
     gpt = compare.torch.load(gpt_path, weights_only=True)
     gpt["meta"]["args"]["mix_lr"] = 0.001  # the GPT has no local mixing: this rate changes nothing
+    gpt["meta"]["args"]["head_lr"] = None  # as written before the per-model defaults were stored: the GPT's own
     compare.torch.save(gpt, gpt_path)
     assert compare.can_reuse(args, "gpt", plan)
+    ckpt["meta"]["args"].pop("no_such_flag")
+    ckpt["meta"]["args"]["matrix_lr"] = 0.02  # the GPT's Muon rate, the diffusion default before it had its own
+    compare.torch.save(ckpt, path)
+    assert not compare.can_reuse(compare.get_args(argv), "diffusion", plan)
     assert not compare.can_reuse(compare.get_args(argv + ["--gpt_args", "--local_mix 3"]), "gpt", plan)  # another GPT
     gpt["meta"]["args"]["matrix_lr"] = 0.001  # this one does
     compare.torch.save(gpt, gpt_path)

@@ -141,6 +141,8 @@ def test_log_lines_report_and_checkpoint_format(reference, tiny_tokenizer):
     assert ckpt["step"] == 6 and ckpt["model_type"] == "diffusion" and ckpt["config"]["depth"] == 1
     assert ckpt["tokenizer"]["identity"] == tiny_tokenizer[0].identity
     assert ckpt["meta"]["args"]["num_iterations"] == 6
+    assert (ckpt["meta"]["args"]["matrix_lr"], ckpt["meta"]["args"]["head_lr"]) == (0.01, 0.001)  # the diffusion defaults
+    assert state["optimizers"][1]["param_groups"][0]["initial_lr"] == 0.01  # ... and Muon ran at them
     assert [e["step"] for e in state["history"]["eval"]] == [0, 3, 6] and len(state["history"]["train"]) == 6
     model, tokenizer, _ = load_model(str(ckpt_dir / "diffusion_step_000006.pt"))
     assert tokenizer.identity == tiny_tokenizer[0].identity and model.config.max_seq_len == 16
@@ -169,6 +171,15 @@ def test_resume_matches_uninterrupted_run_and_skips_incomplete_checkpoints(refer
     assert [e["step"] for e in res_state["history"]["eval"]] == [0, 3, 6]  # no second evaluation at step 3
     assert_same_weights(ref_model["model"], res_model["model"], atol=1e-6)
     assert res_state["loaders"] == ref_state["loaders"]
+
+
+def test_resume_with_another_learning_rate_uses_it(reference, data, tmp_path):
+    ref_dir, _ = reference
+    for f in glob.glob(str(ref_dir / "diffusion_step_000006*")):
+        shutil.copy(f, tmp_path)
+    out = train(*data, "--num_iterations", 7, "--matrix_lr", 0.03, "--checkpoint_dir", tmp_path, "--resume")
+    assert "--matrix_lr 0.01 -> 0.03" in out  # the flags decide, not the rates stored with the optimiser state
+    assert final_state(tmp_path, 7)[1]["optimizers"][1]["param_groups"][0]["initial_lr"] == 0.03
 
 
 def test_resume_with_another_config_or_nothing_is_a_clear_error(reference, data, tmp_path):
@@ -279,7 +290,8 @@ def test_gpt_baseline_trains_with_the_same_loop(data, tmp_path):
     assert ckpt["model_type"] == "gpt" and ckpt["step"] == 3
     assert (tmp_path / "report_gpt.md").is_file() and (tmp_path / "gpt_curves.png").is_file()
     assert find_latest(str(tmp_path), "diffusion", 1) is None
-    assert ckpt["config"]["local_mix"] == 0  # the GPT's own default, not the diffusion model's
+    assert ckpt["config"]["local_mix"] == 0  # the GPT's own defaults, not the diffusion model's
+    assert (ckpt["meta"]["args"]["matrix_lr"], ckpt["meta"]["args"]["head_lr"]) == (0.02, 0.004)
     train(*data, "--model", "gpt", "--local_mix", 3, "--num_iterations", 2, "--checkpoint_dir", tmp_path / "mix")
     assert load(tmp_path / "mix" / "gpt_step_000002.pt")["config"]["local_mix"] == 3
 
