@@ -213,7 +213,7 @@ def sample_texts(model, model_type, tokenizer, num_samples, seq_len, seed):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args = argparse.Namespace(**resolve(vars(get_args(argv))))
     check_args(args)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
@@ -235,8 +235,7 @@ def train(args, ddp, rank, world_size, device):
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args.model, config.to_dict()).to(device)
-    flags = resolve(vars(args))  # every flag, the per-model defaults filled in
-    optimizers = setup_optimizers(model, flags["matrix_lr"], args.embedding_lr, flags["head_lr"], args.other_lr, args.mix_lr)
+    optimizers = setup_optimizers(model, args.matrix_lr, args.embedding_lr, args.head_lr, args.other_lr, args.mix_lr)
     start_step, loader_states, history, total_time = 0, [None] * grad_accum, {"train": [], "eval": []}, 0.0
     if args.resume:
         start_step, loader_states, history, total_time = resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_accum)
@@ -260,7 +259,7 @@ def train(args, ddp, rank, world_size, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     flops_per_token = raw_model.flops_per_token(args.max_seq_len)
     peak = peak_flops(device) * world_size
-    wandb_run = init_wandb(args.run, rank, flags | {"model_config": config.to_dict()})
+    wandb_run = init_wandb(args.run, rank, vars(args) | {"model_config": config.to_dict()})
     print0(f"{args.model}: {raw_model.num_params():,} parameters, {flops_per_token:.3e} training FLOPs/token, "
            f"vocab {config.vocab_size}, device {device}, world size {world_size}")
     print0(f"batch: {total_batch_size:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x {world_size} ranks "
@@ -285,7 +284,7 @@ def train(args, ddp, rank, world_size, device):
         if ddp:
             dist.barrier()
         if rank == 0:  # written last: its presence marks a complete checkpoint
-            save_model_file(path, step, raw_model, args.model, tokenizer, meta={"args": flags})
+            save_model_file(path, step, raw_model, args.model, tokenizer, meta={"args": vars(args)})
             print0(f"saved {path}")
         return path
 
@@ -317,7 +316,7 @@ def train(args, ddp, rank, world_size, device):
                 if rank == 0 and all(val["bpb"] < e["val_bpb"] for e in history["eval"][:-1]):  # early stopping's pick
                     os.makedirs(args.checkpoint_dir, exist_ok=True)
                     save_model_file(best_path(args.checkpoint_dir, args.model), step, raw_model, args.model, tokenizer,
-                                    meta={"args": flags, "val_bpb": val["bpb"]})
+                                    meta={"args": vars(args), "val_bpb": val["bpb"]})
                 wandb_run.log({"step": step, "val/loss": val_loss, "val/bpb": val["bpb"]})
             if rank == 0 and (args.sample_every > 0 and step > start_step and step % args.sample_every == 0
                               or args.sample_every != 0 and last(step)):
@@ -389,7 +388,7 @@ def train(args, ddp, rank, world_size, device):
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     if rank == 0:
-        report = write_report(args.checkpoint_dir, args.model, flags, raw_model, history, device,
+        report = write_report(args.checkpoint_dir, args.model, vars(args), raw_model, history, device,
                               samples=sample_texts(raw_model.eval(), args.model, tokenizer, 3, min(64, args.max_seq_len), args.seed),
                               tokens_per_second=total_batch_size * (step - start_step - 1) / total_time if total_time else None)
         print0(f"report: {report}")
@@ -439,11 +438,11 @@ def resume(args, model, optimizers, config, tokenizer, rank, world_size, grad_ac
     for opt, group_rates in zip(optimizers, rates):  # a state dict carries its run's rates; this run's flags decide
         for group, rate in zip(opt.param_groups, group_rates):
             group["initial_lr"] = rate
-    old_args, now = resolve({"model": args.model} | ckpt.get("meta", {}).get("args", {})), resolve(vars(args))
-    changed = sorted(k for k, v in now.items() if k in old_args and old_args[k] != v and k not in RESUME_FREE_ARGS)
+    old_args = resolve({"model": args.model} | ckpt.get("meta", {}).get("args", {}))  # older runs stored None
+    changed = sorted(k for k, v in vars(args).items() if k in old_args and old_args[k] != v and k not in RESUME_FREE_ARGS)
     if changed:
         print0("note: continuing with settings that differ from the checkpoint's: "
-               + ", ".join(f"--{k} {old_args[k]} -> {now[k]}" for k in changed))
+               + ", ".join(f"--{k} {old_args[k]} -> {getattr(args, k)}" for k in changed))
     print0(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"], state["loaders"], state["history"], state.get("total_time", 0.0)
 
