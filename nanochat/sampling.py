@@ -13,6 +13,7 @@ import re
 import torch
 
 from nanochat.common import UserError
+from nanochat.diffusion_roberta import NOISE_SCALE, SAMPLERS, SCORE_TEMPERATURE
 
 BLANK = re.compile(r"\[BLANK:(\d+)\]")
 
@@ -52,10 +53,45 @@ def decode(tokenizer, ids):
     return tokenizer.decode(ids)
 
 
-def generate(model, model_type, num_samples, seq_len, known, num_steps=100, temperature=1.0, sampler="ddpm",
-             clamp=False, batch_size=None, generator=None, bar=None):
+def add_sampler_args(parser):
+    """The diffusion sampler's flags (a GPT ignores them), shared by the sampling, evaluation and comparison scripts."""
+    a = parser.add_argument
+    a("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)} (ancestral / deterministic)")
+    a("--noise_scale", type=float, default=NOISE_SCALE, help="scales the ancestral noise (1 = the reverse process's)")
+    a("--score_temperature", type=float, default=SCORE_TEMPERATURE,
+      help="divides the predicted noise: < 1 sharpens every step (1 = the reverse process's)")
+    a("--clamp", action="store_true", help="snap every x0 estimate to its nearest token embedding (Diffusion-LM)")
+
+
+def check_sampler_args(args):
+    if args.sampler not in SAMPLERS:
+        raise UserError(f"unknown --sampler {args.sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if not args.noise_scale >= 0:
+        raise UserError(f"--noise_scale must be >= 0, got {args.noise_scale}")
+    if not args.score_temperature > 0:
+        raise UserError(f"--score_temperature must be > 0, got {args.score_temperature}")
+
+
+def sampler_options(args):
+    """The add_sampler_args flags as keyword arguments of DiffusionRoberta.generate."""
+    return dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature, clamp=args.clamp)
+
+
+def describe_sampler(options, num_steps=None):
+    """'128 ddpm steps, noise x0.85, score temperature 0.9' (what a report says about how samples were drawn)."""
+    how = f"{num_steps} {options['sampler']} steps" if num_steps else options["sampler"]
+    if options["sampler"] == "ddpm" and options["noise_scale"] != 1:
+        how += f", noise x{options['noise_scale']:g}"
+    if options["score_temperature"] != 1:
+        how += f", score temperature {options['score_temperature']:g}"
+    return how + (", clamped" if options["clamp"] else "")
+
+
+def generate(model, model_type, num_samples, seq_len, known, num_steps=100, temperature=1.0, batch_size=None,
+             generator=None, bar=None, **options):
     """(num_samples, seq_len) token ids in batches of batch_size. known = {position: id} with BOS at 0
-    (for a GPT it must be a prefix). bar: a tqdm bar over batches x steps, advanced after every step."""
+    (for a GPT it must be a prefix). bar: a tqdm bar over batches x steps, advanced after every step.
+    options: sampler_options() for a diffusion model."""
     batch_size = batch_size or num_samples
     out = []
     for start in range(0, num_samples, batch_size):
@@ -67,8 +103,8 @@ def generate(model, model_type, num_samples, seq_len, known, num_steps=100, temp
             out.append(model.generate(b, seq_len, prompt=prompt, temperature=temperature, generator=generator))
         else:
             step = (lambda i: bar.update(1)) if bar is not None else None
-            out.append(model.generate(b, seq_len, num_steps, temperature=temperature, sampler=sampler, known=known,
-                                      generator=generator, clamp=clamp, callback=step))
+            out.append(model.generate(b, seq_len, num_steps, temperature=temperature, known=known, generator=generator,
+                                      callback=step, **options))
         if bar is not None:  # exact per batch, whatever the step count per call
             bar.update(done + bar_steps(model, model_type, seq_len, num_steps) - bar.n)
     return torch.cat(out)

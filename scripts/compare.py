@@ -40,12 +40,12 @@ import torch
 from nanochat.checkpoint import best_path, build_model, checkpoint_path, load_model, read_checkpoint, state_path
 from nanochat.common import UserError, compute_init, peak_flops, run_main
 from nanochat.dataloader import DataLoader
-from nanochat.diffusion_roberta import SAMPLERS, DiffusionConfig
+from nanochat.diffusion_roberta import DiffusionConfig
 from nanochat.evaluate import evaluate_bpb
 from nanochat.ngram import NGram
 from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg backend: no display needed)
 from nanochat.sample_quality import generative_nll, sample_quality
-from nanochat.sampling import decode, generate
+from nanochat.sampling import add_sampler_args, check_sampler_args, decode, describe_sampler, generate, sampler_options
 from scripts import diffusion_train
 from scripts.bench import median_times, trainer
 from scripts.diffusion_eval import finite, fmt, sync
@@ -84,13 +84,13 @@ def get_args(argv=None):
     a("--sample_steps", type=number_list(int), default=[8, 32, 128, 512], help="denoising step counts, comma-separated")
     a("--temperatures", type=number_list(float), default=[1.0, 0.8, 0.6], help="diffusion sampling temperatures")
     a("--gpt_temperatures", type=number_list(float), default=[1.0, 0.8], help="GPT sampling temperatures")
-    a("--sampler", choices=SAMPLERS, default="ddpm")
     a("--sample_batch_size", type=int, default=None, help="samples per generate() call (default: all at once)")
     a("--num_show", type=int, default=3, help="decoded samples per setting in the report")
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
     a("--compile", action="store_true", help="torch.compile both models for training")
     a("--seed", type=int, default=42)
     a("--reuse", action="store_true", help="keep a model's finished run in --out_dir if it had the same flags")
+    add_sampler_args(p)
     return p.parse_args(argv)
 
 
@@ -107,6 +107,7 @@ def check_args(args):
         raise UserError("--sample_steps needs step counts >= 1, e.g. 8,32,128,512")
     if not args.temperatures or not args.gpt_temperatures or min(args.temperatures + args.gpt_temperatures) <= 0:
         raise UserError("--temperatures and --gpt_temperatures need values > 0, e.g. 1.0,0.8")
+    check_sampler_args(args)
 
 
 # -----------------------------------------------------------------------------
@@ -222,8 +223,8 @@ def run_setting(models, setting, args, num_samples, sample_len, bos, device, aut
     t0 = time.perf_counter()
     with autocast:
         ids = generate(models[setting["model"]], setting["model"], num_samples, sample_len, {0: bos},
-                       num_steps=setting["steps"] or 1, temperature=setting["temperature"], sampler=args.sampler,
-                       batch_size=args.sample_batch_size, generator=g)
+                       num_steps=setting["steps"] or 1, temperature=setting["temperature"],
+                       batch_size=args.sample_batch_size, generator=g, **sampler_options(args))
     sync(device)
     return ids, time.perf_counter() - t0
 
@@ -286,7 +287,8 @@ def evaluate_samples(args, models, ngrams, tokenizer, device, autocast):
     for r in results + references:
         r["nll_ratio"] = r["gen_nll"] / gpt_ref["gen_nll"]
         r["entropy_ratio"] = r["unigram_entropy_nats"] / gpt_ref["unigram_entropy_nats"]
-    return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out, sampler=args.sampler,
+    return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out,
+                sampler=describe_sampler(sampler_options(args)), sampler_options=sampler_options(args),
                 ratios_relative_to=gpt_ref["label"], settings=results, references=references)
 
 

@@ -30,10 +30,9 @@ import torch
 from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, peak_flops, run_main
 from nanochat.dataloader import DataLoader
-from nanochat.diffusion_roberta import SAMPLERS
 from nanochat.evaluate import context_gain, evaluate_bpb, evaluate_loss, unigram_log_prior
 from nanochat.sample_quality import load_judge, sample_quality
-from nanochat.sampling import decode, generate
+from nanochat.sampling import add_sampler_args, check_sampler_args, decode, describe_sampler, generate, sampler_options
 
 
 def get_args(argv=None):
@@ -48,14 +47,13 @@ def get_args(argv=None):
     a("--num_samples", type=int, default=32, help="samples for sampling throughput and quality (0 = skip)")
     a("--sample_len", type=int, default=None, help="tokens per sample, BOS included (default: 128, capped at max_seq_len)")
     a("--sample_steps", type=int, default=128, help="denoising steps per sample")
-    a("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)}")
-    a("--temperature", type=float, default=1.0)
-    a("--clamp", action="store_true", help="snap every x0 estimate to its nearest token embedding while sampling")
+    a("--temperature", type=float, default=1.0, help="divides the logits and scales the sampler's noise")
     a("--context_levels", type=int, default=7, help="noise levels for the context-gain table (diffusion only; 0 = skip)")
     a("--judge", default=None, help="gpt checkpoint for generative perplexity (same tokenizer)")
     a("--output", default=None, help="also write the results to this JSON file")
     a("--seed", type=int, default=42)
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
+    add_sampler_args(p)
     return p.parse_args(argv)
 
 
@@ -72,8 +70,7 @@ def check_args(args):
         raise UserError(f"--sample_len must be >= 2 (BOS + at least one token), got {args.sample_len}")
     if not args.temperature > 0:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
-    if args.sampler not in SAMPLERS:
-        raise UserError(f"unknown --sampler {args.sampler!r}; use one of {', '.join(SAMPLERS)}")
+    check_sampler_args(args)
 
 
 def sync(device):
@@ -121,8 +118,8 @@ def train_throughput(model, batch, steps, device, autocast):
 def sample_throughput(model, model_type, args, sample_len, bos, device, autocast):
     """(generated token ids (num_samples, sample_len), generated tokens/s excluding the BOS prompt)."""
     g = torch.Generator(device=device).manual_seed(args.seed)
-    kw = dict(num_steps=args.sample_steps, temperature=args.temperature, sampler=args.sampler, clamp=args.clamp,
-              batch_size=args.batch_size, generator=g)
+    kw = dict(num_steps=args.sample_steps, temperature=args.temperature, batch_size=args.batch_size, generator=g,
+              **sampler_options(args))
     with autocast:
         generate(model, model_type, 1, min(sample_len, 4), {0: bos}, **{**kw, "num_steps": 1})  # warm-up
         sync(device)
@@ -169,7 +166,7 @@ def print_table(r):
     if s is None:
         rows.append(("sampling / sample quality", "skipped (--num_samples 0)"))
     else:
-        how = "autoregressive" if kind == "gpt" else f"{s['steps']} {s['sampler']} steps" + (", clamped" if s["clamp"] else "")
+        how = "autoregressive" if kind == "gpt" else describe_sampler(s, s["steps"])
         rows += [
             (f"sampling throughput ({how})", f"{s['tokens_per_s']:,.0f} tok/s ({s['num_samples']} x {s['sample_len']} tokens)"),
             ("unigram entropy (nats, mean per sample)", fmt(q["unigram_entropy_nats"], ".3f")),
@@ -233,9 +230,8 @@ def main(argv=None):
         ids, tok_per_s = sample_throughput(model, model_type, args, sample_len, bos, device, autocast)
         samples = [row[1:] for row in ids.tolist()]  # without the BOS they start from
         result["sampling"] = dict(tokens_per_s=tok_per_s, num_samples=args.num_samples, sample_len=sample_len,
-                                  steps=None if model_type == "gpt" else args.sample_steps,
-                                  sampler="autoregressive" if model_type == "gpt" else args.sampler,
-                                  temperature=args.temperature, clamp=args.clamp)
+                                  steps=None if model_type == "gpt" else args.sample_steps, temperature=args.temperature,
+                                  **(dict(sampler="autoregressive") if model_type == "gpt" else sampler_options(args)))
         with autocast:
             result["sample_quality"] = dict(sample_quality(samples, judge, bos), judge=args.judge)
         result["samples"] = [decode(tokenizer, row) for row in ids.tolist()]

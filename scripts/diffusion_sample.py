@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, run_main
-from nanochat.diffusion_roberta import SAMPLERS
-from nanochat.sampling import bar_steps, build_infill, decode, generate, parse_infill
+from nanochat.sampling import (add_sampler_args, bar_steps, build_infill, check_sampler_args, decode, describe_sampler,
+                               generate, parse_infill, sampler_options)
 
 
 def get_args(argv=None):
@@ -33,14 +33,13 @@ def get_args(argv=None):
     a("--seq_len", type=int, default=None, help="tokens per sample, BOS included (default: 128, or the infill template's length)")
     a("--num_steps", type=int, default=100, help="denoising steps")
     a("--temperature", type=float, default=1.0, help="divides the logits and scales the sampler's noise")
-    a("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)} (ancestral / deterministic)")
-    a("--clamp", action="store_true", help="snap every x0 estimate to its nearest token embedding (Diffusion-LM)")
     a("--batch_size", type=int, default=None, help="samples per generate() call (default: all at once)")
     a("--seed", type=int, default=42)
     a("--prompt", default=None, help="text that every sample starts with")
     a("--infill", default=None, help="text with [BLANK:N] gaps of N tokens to fill in")
     a("--output", default=None, help="also write the samples to this .jsonl file, one JSON object per line")
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
+    add_sampler_args(p)
     return p.parse_args(argv)
 
 
@@ -52,8 +51,7 @@ def check_args(args):
         raise UserError(f"--num_steps must be >= 1, got {args.num_steps}")
     if not args.temperature > 0:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
-    if args.sampler not in SAMPLERS:
-        raise UserError(f"unknown --sampler {args.sampler!r}; use one of {', '.join(SAMPLERS)}")
+    check_sampler_args(args)
     if args.seq_len is not None and args.seq_len < 1:
         raise UserError(f"--seq_len must be >= 1, got {args.seq_len}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -99,7 +97,8 @@ def main(argv=None):
     block_size = model.config.block_size if model_type == "diffusion" else 0
     seq_len, known = plan(args, tokenizer, model.config.max_seq_len, model_type, block_size)
     batch_size = args.batch_size or args.num_samples
-    how = "autoregressive" if model_type == "gpt" else f"{args.num_steps} {args.sampler} steps" + (", clamped" if args.clamp else "")
+    options = sampler_options(args)
+    how = "autoregressive" if model_type == "gpt" else describe_sampler(options, args.num_steps)
     if block_size:
         how += f" per block of {block_size} tokens"
     print(f"{model_type} checkpoint {args.checkpoint} (step {ckpt['step']}): {args.num_samples} samples x {seq_len} tokens, "
@@ -111,16 +110,16 @@ def main(argv=None):
     with tqdm(total=num_batches * bar_steps(model, model_type, seq_len, args.num_steps), desc="sampling" if model_type == "gpt" else "denoising",
               unit="batch" if model_type == "gpt" else "step") as bar, autocast:
         ids = generate(model, model_type, args.num_samples, seq_len, known, args.num_steps, args.temperature,
-                       args.sampler, args.clamp, batch_size, generator, bar)
+                       batch_size, generator, bar, **options)
 
     records = []
     for i, row in enumerate(ids.tolist()):
         text = decode(tokenizer, row)
         print(f"\n--- sample {i + 1}/{args.num_samples} ---\n{text}")
         records.append(dict(text=text, tokens=row, prompt=args.prompt, infill=args.infill,
-                            num_steps=None if model_type == "gpt" else args.num_steps,
-                            sampler="autoregressive" if model_type == "gpt" else args.sampler,
-                            temperature=args.temperature, clamp=args.clamp, seed=args.seed, checkpoint=args.checkpoint))
+                            num_steps=None if model_type == "gpt" else args.num_steps, temperature=args.temperature,
+                            **(dict(sampler="autoregressive") if model_type == "gpt" else options),
+                            seed=args.seed, checkpoint=args.checkpoint))
     if args.output:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

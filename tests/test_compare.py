@@ -4,6 +4,7 @@ import json
 import pytest
 
 from nanochat.common import UserError
+from nanochat.diffusion_roberta import NOISE_SCALE
 from scripts import bench, compare
 
 
@@ -32,7 +33,7 @@ def compare_argv(tiny_data_dir, tok_dir, out_dir, *budget):
 
 def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "cmp"
-    compare.main(compare_argv(tiny_data_dir, tiny_tokenizer[1], out, "--flops", "1.5e8"))
+    compare.main(compare_argv(tiny_data_dir, tiny_tokenizer[1], out, "--flops", "1.5e8") + ["--score_temperature", "0.8"])
     for name in ("compare.md", "compare.json", "bpb_vs_flops.png", "frontier.png"):
         assert (out / name).stat().st_size > 0, name
     r = json.loads((out / "compare.json").read_text())
@@ -56,6 +57,7 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
     assert [x["label"] for x in s["settings"]] == ["GPT T=1.0", "diffusion 2 steps T=1.0", "diffusion 2 steps T=0.7",
                                                   "diffusion 4 steps T=1.0", "diffusion 4 steps T=0.7"]
     assert s["output_tokens"] == 2 * 23
+    assert s["sampler_options"] == dict(sampler="ddpm", noise_scale=NOISE_SCALE, score_temperature=0.8, clamp=False)
     assert [x["label"] for x in s["references"]] == ["validation text", "unigram samples (training split)",
                                                     "bigram samples (training split)"]
     for x in s["settings"] + s["references"]:
@@ -65,7 +67,8 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
     md = (out / "compare.md").read_text()
     for text in ("![bpb](bpb_vs_flops.png)", "![frontier](frontier.png)", "diffusion bpb / GPT bpb", "between the best values", "### GPT T=1.0",
                  "### diffusion 4 steps T=1.0", "### validation text", "| diffusion 2 steps T=0.7 |",
-                 "| bigram samples (training split) |", "Count-based references on the same validation tokens: unigram"):
+                 "| bigram samples (training split) |", "Count-based references on the same validation tokens: unigram",
+                 f"diffusion sampler ddpm, noise x{NOISE_SCALE:g}, score temperature 0.8;"):
         assert text in md, text
 
 

@@ -8,7 +8,7 @@ import torch
 
 from nanochat.diffusion_roberta import (
     OBJECTIVES, SCHEDULES, WARP_BINS, WARP_FLOOR, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, apply_rotary,
-    block_attention_mask, rotary_cos_sin,
+    alpha_sigma, block_attention_mask, rotary_cos_sin,
 )
 from nanochat.gpt import GPT, GPTConfig, KVCache
 
@@ -122,6 +122,33 @@ def test_generate_shapes_determinism_prompt_and_known(sampler):
     assert short.shape == (2, 5) and short.max() < 32
 
 
+def test_step_noise_scale_and_score_temperature():
+    """A ddpm step from z = alpha_t x0 + sigma_t eps lands at alpha_s x0 + r eps + noise: the score temperature shrinks
+    the remaining noise r (sharper), noise_scale scales the fresh noise, and both at 1 give VDM's posterior."""
+    gamma_t, gamma_s = torch.tensor(2.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = ([v.item() for v in alpha_sigma(g)] for g in (gamma_t, gamma_s))
+    c = 1 - math.exp(gamma_s - gamma_t)
+    x0, eps = torch.randn(2000, 8), torch.randn(2000, 8)
+    z = alpha_t * x0 + sigma_t * eps
+
+    def step(noise_scale, score_temperature, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return DiffusionRoBERTa._step(z, x0, gamma_t, gamma_s, "ddpm", noise_scale, score_temperature, g)
+
+    def residual(score_temperature):  # the share of eps left in the mean
+        return ((step(0.0, score_temperature) - alpha_s * x0) / eps).mean().item()
+
+    assert residual(1.0) == pytest.approx(alpha_s / alpha_t * sigma_t * (1 - c), rel=1e-4)  # the posterior mean
+    assert residual(0.9) == pytest.approx(alpha_s / alpha_t * sigma_t * (1 - c / 0.9), rel=1e-4)
+    assert residual(0.9) < residual(1.0)
+    assert torch.equal(step(0.0, 1.0, seed=0), step(0.0, 1.0, seed=1)), "no noise: deterministic"
+    for scale in (1.0, 0.5):
+        spread = (step(scale, 1.0) - step(0.0, 1.0)).std().item()
+        assert spread == pytest.approx(scale * sigma_s * math.sqrt(c), rel=0.05)
+    ddim = DiffusionRoBERTa._step(z, x0, gamma_t, gamma_s, "ddim", 1.0, 1.0, None)
+    torch.testing.assert_close(ddim, alpha_s * x0 + sigma_s * eps, rtol=1e-5, atol=1e-5)  # the deterministic path
+
+
 def test_generate_trajectory():
     model = randomize(DiffusionRoBERTa(tiny_config())).eval()
     tokens, traj = model.generate(2, 16, 4, return_trajectory=True, prompt=[1])
@@ -132,6 +159,8 @@ def test_generate_trajectory():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_steps=0), "num_steps"),
     (dict(temperature=0.0), "temperature"),
+    (dict(score_temperature=0.0), "score_temperature"),
+    (dict(noise_scale=-0.5), "noise_scale"),
     (dict(sampler="euler"), "sampler"),
     (dict(seq_len=17), "seq_len"),
     (dict(prompt=list(range(20))), "inside seq_len"),

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from nanochat.checkpoint import save_model_file
 from nanochat.common import UserError, run_main
-from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
+from nanochat.diffusion_roberta import NOISE_SCALE, SCORE_TEMPERATURE, DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.ngram import NGram
 from nanochat.sample_quality import distinct_n, generative_nll, load_judge, repetition_rate, sample_quality, unigram_entropy
@@ -167,6 +167,7 @@ def test_sample_cli_prompt_and_output(ckpts, tiny_tokenizer, tmp_path):
         assert r["text"].startswith(prompt) and r["text"] in p.stdout
         assert r["tokens"][:len(prefix)] == prefix and len(r["tokens"]) == 24
         assert (r["prompt"], r["num_steps"], r["sampler"], r["temperature"], r["seed"]) == (prompt, 8, "ddpm", 1.0, 42)
+        assert (r["noise_scale"], r["score_temperature"]) == (NOISE_SCALE, SCORE_TEMPERATURE)  # the sampler's defaults
 
 
 @pytest.mark.parametrize("sampler, clamp", [("ddpm", False), ("ddim", True)])
@@ -259,7 +260,7 @@ def test_eval_verbatim_small_split_and_gpt(ckpts, tmp_path, capsys):
     screen = capsys.readouterr().out
     r = json.loads(out.read_text())
     assert r["val"]["split_exhausted"] and 0 < r["val"]["tokens"] < 1048576
-    assert r["sampling"]["clamp"] and "4 ddpm steps, clamped" in screen
+    assert r["sampling"]["clamp"] and "4 ddpm steps, noise x0.85, score temperature 0.9, clamped" in screen
     assert "the val split is smaller" in screen and "skipped (no --judge)" in screen
     assert r["sample_quality"]["gen_ppl"] is None and r["sampling"]["num_samples"] == 32
     diffusion_eval.main(["--checkpoint", str(ckpts["gpt"]), "--eval_tokens", "512", "--data_dir", str(data),
@@ -318,6 +319,8 @@ SAMPLE_BAD = [
     ({"--temperature": "0"}, "--temperature must be > 0"),
     ({"--temperature": "-1"}, "--temperature must be > 0"),
     ({"--sampler": "euler"}, "unknown --sampler"),
+    ({"--noise_scale": "-0.1"}, "--noise_scale must be >= 0"),
+    ({"--score_temperature": "0"}, "--score_temperature must be > 0"),
     ({"--prompt": "word " * 40, "--seq_len": "16"}, "longer than --seq_len"),
     ({"--infill": "there is no gap here"}, "no gap"),
     ({"--infill": "x[BLANK:40]y"}, "longer than"),
@@ -342,6 +345,7 @@ def test_sample_bad_input(ckpts, bad_files, capsys, overrides, message):
     (["--sample_steps", "0"], "--sample_steps must be >= 1"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--sampler", "euler"], "unknown --sampler"),
+    (["--score_temperature", "-1"], "--score_temperature must be > 0"),
     (["--sample_len", "64"], "larger than the model's maximum"),
     (["--judge", "{bad}/missing.pt"], "no checkpoint"),
     (["--judge", "{diffusion}"], "needs a gpt checkpoint"),
