@@ -24,7 +24,7 @@ import torch.nn.functional as F
 OBJECTIVES = ("logits", "x0", "eps")
 SCHEDULES = ("cosine", "linear", "sqrt")
 SAMPLERS = ("ddpm", "ddim")
-# generate()'s defaults, the sampler that scored best in the comparison (DIFFUSION_README, "Sampling"): ancestral noise
+# generate()'s defaults, the sampler that scored best against the GPT (DIFFUSION_README, "Measured comparison"): noise
 # at 0.85 of the reverse process's and a score temperature of 0.9. Both at 1 give the model's own reverse process.
 NOISE_SCALE, SCORE_TEMPERATURE = 0.85, 0.9
 TIME_CONDS = ("adaln", "add")

@@ -73,7 +73,7 @@ def check_sampler_args(args):
 
 
 def sampler_options(args):
-    """The add_sampler_args flags as keyword arguments of DiffusionRoberta.generate."""
+    """The add_sampler_args flags as keyword arguments of DiffusionRoBERTa.generate."""
     return dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature, clamp=args.clamp)
 
 
