@@ -287,8 +287,9 @@ def evaluate_samples(args, models, ngrams, tokenizer, device, autocast):
     for r in results + references:
         r["nll_ratio"] = r["gen_nll"] / gpt_ref["gen_nll"]
         r["entropy_ratio"] = r["unigram_entropy_nats"] / gpt_ref["unigram_entropy_nats"]
+    options = sampler_options(args)
     return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out,
-                sampler=describe_sampler(sampler_options(args)), sampler_options=sampler_options(args),
+                sampler=describe_sampler(options), sampler_options=options,
                 ratios_relative_to=gpt_ref["label"], settings=results, references=references)
 
 
