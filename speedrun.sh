@@ -168,11 +168,11 @@ GPT_CKPT=$(printf '%s/gpt_step_%06d.pt' "$CKPT_DIR" "$GPT_ITERS")
 
 # -----------------------------------------------------------------------------
 # evaluation (one device): bits per byte, throughput, samples judged by the GPT
-EVAL=(--data_dir "$DATA_DIR" --eval_tokens "$EVAL_TOKENS" --num_samples "$NUM_SAMPLES" --sample_steps "$SAMPLE_STEPS"
+EVAL=(--data_dir "$DATA_DIR" --eval_tokens "$EVAL_TOKENS" --num_samples "$NUM_SAMPLES"
       --batch_size "$BATCH" --judge "$GPT_CKPT" "${DEVICE[@]}")
 if [ "$CPU" = 1 ]; then EVAL+=(--throughput_steps 3); fi
 stage "evaluation"
-python -m scripts.diffusion_eval --checkpoint "$DIFF_CKPT" "${EVAL[@]}" --output "$RUN_DIR/eval_diffusion.json"
+python -m scripts.diffusion_eval --checkpoint "$DIFF_CKPT" "${EVAL[@]}" --sample_steps "$SAMPLE_STEPS" --output "$RUN_DIR/eval_diffusion.json"
 python -m scripts.diffusion_eval --checkpoint "$GPT_CKPT" "${EVAL[@]}" --output "$RUN_DIR/eval_gpt.json"
 
 stage "samples"

@@ -5,7 +5,8 @@ Checkpoints: plain tensors, numbers and strings only, so that they load with tor
     {checkpoint_dir}/{model_type}_step_{step:06d}.state_rank{r}.pt  optimizer + dataloader state of rank r
     {checkpoint_dir}/{model_type}_best.pt                          weights at the lowest validation bpb so far
 
-The tokenizer travels inside the checkpoint (its ranks as text), so a checkpoint is self-contained.
+The tokenizer travels inside the checkpoint (its ranks as text), so a checkpoint is self-contained. FORMAT names
+the layout; this code reads its own format only, and says so to the owner of a file from another version.
 Every file is written to a temporary name and renamed; the model file is written last, so a checkpoint
 whose model file exists is complete.
 """
@@ -21,8 +22,8 @@ from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
-FORMAT = "nanochat-diffusion/1"
-MODEL_TYPES = {"diffusion": (DiffusionConfig, DiffusionRoBERTa), "gpt": (GPTConfig, GPT)}
+FORMAT = "nanochat-diffusion/2"
+MODEL_TYPES = {"diffusion": (DiffusionConfig, DiffusionRoBERTa), "gpt": (GPTConfig, GPT)}  # where models are built
 
 
 def checkpoint_path(checkpoint_dir, model_type, step):
@@ -68,9 +69,12 @@ def read_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, or (refused) pickled objects
         raise UserError(f"{path} is not a readable checkpoint (truncated, or not a checkpoint file): {type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a {FORMAT} checkpoint (found format {found!r}); it comes from another tool or version")
+    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if isinstance(found, str) and found.startswith("nanochat-diffusion/") and found != FORMAT:
+        raise UserError(f"{path} was written by another version of this code (format {found!r}; this one reads "
+                        f"{FORMAT!r}): retrain it with this version, or use the version of the code that wrote it")
+    if found != FORMAT:
+        raise UserError(f"{path} is not a {FORMAT} checkpoint (found format {found!r}); it comes from another tool")
     if ckpt.get("model_type") not in MODEL_TYPES:
         raise UserError(f"{path} holds an unknown model type {ckpt.get('model_type')!r}")
     return ckpt

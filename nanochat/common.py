@@ -1,10 +1,14 @@
 """
-Common utilities: errors, base dir, device/distributed setup, logging, flops.
+Common utilities: errors, base dir, config flags, device/distributed setup, timing, logging, flops, formatting.
 """
 
+import math
 import os
+import statistics
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import MISSING, fields
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,33 @@ def run_main(main):
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(s)
+
+
+parse_bool.__name__ = "0/1"  # argparse names the type in its error message
+
+
+def add_config_args(parser, config_cls, skip=()):
+    """One flag --name per field of a config dataclass (its type, default and help); the config's __post_init__
+    validates the values."""
+    group = parser.add_argument_group(f"model ({config_cls.__name__})")
+    for f in fields(config_cls):
+        if f.name not in skip:
+            default = f.default if f.default is not MISSING else None
+            group.add_argument(f"--{f.name}", type=parse_bool if f.type in (bool, "bool") else type(default),
+                               default=default, help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def config_from_args(config_cls, args, **values):
+    """The config whose fields are args' flags of the same name, updated by values."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)} | values)
 
 
 def get_base_dir():
@@ -76,6 +107,50 @@ def compute_init(device_type=""):
     return ddp, rank, local_rank, world_size, device
 
 
+def autocast_for(device):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+
+
+def sync(device):
+    """Wait for the device's queued work (for timing)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median_times(fns, reps, warmup, device):
+    """Median seconds of each named function, called in turn (ABCABC...) after `warmup` untimed rounds, so that a
+    noisy machine slows them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def fmt(x, spec=".4f"):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def finite(x):
+    """NaN / inf -> None, so that the JSON is standard."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -117,15 +192,14 @@ def peak_flops(device):
         print0(f"note: unknown GPU {name!r}, assuming A100 peak 312e12 FLOP/s for MFU")
         return 312e12
     n, reps = 2048, 5  # best of several: a busy machine only ever makes a matmul slower
-    sync = torch.mps.synchronize if device.type == "mps" else (lambda: None)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     a @ b  # warmup
-    sync()
+    sync(device)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
-        sync()
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best

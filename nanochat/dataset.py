@@ -89,6 +89,18 @@ def parquets_iter_batched(split, data_dir=None):
 # downloading
 
 
+
+def text_iterator(data_dir, max_chars, doc_cap):
+    """Documents of the train split, each cut to doc_cap characters, until max_chars have been read."""
+    nchars = 0
+    for texts in parquets_iter_batched("train", data_dir):
+        for doc in texts:
+            doc = doc[:doc_cap]
+            nchars += len(doc)
+            yield doc
+            if nchars >= max_chars:
+                return
+
 def _download_one(url, path, retries, backoff):
     """Returns None on success, else an error string. Never leaves a partial file at path or path.tmp."""
     if os.path.exists(path):

@@ -1,14 +1,13 @@
 """
 Evaluation shared by training, diffusion_eval and compare: bits per byte (with a standard error) and the
-mean training loss over validation batches, reduced over DDP ranks; and the diffusion model's use of
-context by noise level (diffusion_eval).
+mean training loss over validation batches, reduced over DDP ranks; and the unigram prior that the diffusion
+model's context-gain table compares with (diffusion_eval).
 """
 
 import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 def _all_reduce_sum(t):
@@ -58,28 +57,3 @@ def unigram_log_prior(batches, vocab_size):
     for tokens in batches:
         counts += torch.bincount(tokens.flatten().cpu(), minlength=vocab_size).double()
     return (counts / counts.sum()).log().float()
-
-
-@torch.no_grad()
-def context_gain(model, tokens, log_prior, gammas, seed=0):
-    """Does the diffusion model use context, and at which noise levels? For each gamma = -log SNR: the
-    model's cross-entropy on the clean tokens of (B, T) `tokens` noised at gamma, next to that of the best
-    denoiser that sees every token alone (the unigram prior times the exact Gaussian likelihood of the
-    token's own noisy embedding). Returns [dict(gamma, model_ce, no_context_ce, gain)] in nats per token;
-    a gain near zero means the model has learned nothing about context at that noise level."""
-    B, T = tokens.shape
-    E = model.embed_matrix()
-    x = F.embedding(tokens, E)
-    no_known = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
-    prior = log_prior.to(tokens.device)
-    context = model.clean_context(tokens)
-    rows = []
-    for g in gammas:
-        torch.manual_seed(seed)  # the same noise for every level's draw, and for every checkpoint compared
-        gamma = torch.full((B,), float(g), dtype=torch.float64)
-        z, _ = model.noised(x, gamma, no_known)
-        _, logits = model.predict_x0(z, gamma, no_known, model.self_condition(z, gamma, no_known, x, context), context=context)
-        alone = prior + model.token_evidence(z, gamma, no_known, E)
-        ce = [F.cross_entropy(l.float().flatten(0, 1), tokens.flatten()).item() for l in (logits, alone)]
-        rows.append(dict(gamma=float(g), model_ce=ce[0], no_context_ce=ce[1], gain=ce[1] - ce[0]))
-    return rows

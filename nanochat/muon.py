@@ -41,20 +41,25 @@ class Muon(torch.optim.Optimizer):
                 p.add_(g, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
 
-def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, head_lr=0.004, other_lr=0.004, mix_lr=0.02, weight_decay=0.0):
-    """[AdamW, Muon] over the model's param_groups(). AdamW learning rates are scaled by 1/sqrt(width/768),
-    as nanochat does, so that one set of defaults serves every depth."""
+# learning rates per parameter group: nanochat's, for a GPT; a model class overrides some in its learning_rates
+LEARNING_RATES = dict(matrix_lr=0.02, embedding_lr=0.2, head_lr=0.004, other_lr=0.004, mix_lr=0.02)
+
+
+def learning_rates(model_cls):
+    """The learning-rate defaults of a model class (the training flags' defaults)."""
+    return {**LEARNING_RATES, **model_cls.learning_rates}
+
+
+def setup_optimizers(model, weight_decay=0.0, **rates):
+    """[AdamW, Muon] over the model's param_groups(), at its learning_rates updated by rates (matrix_lr=...).
+    AdamW learning rates are scaled by 1/sqrt(width/768), as nanochat does, so that one set of defaults serves
+    every depth."""
+    lr = learning_rates(type(model)) | rates
     groups = model.param_groups()
     scale = (model.config.model_dim / 768) ** -0.5
-    adam_groups = [
-        dict(params=groups["embedding"], lr=embedding_lr * scale),
-        dict(params=groups["head"], lr=head_lr * scale),
-        dict(params=groups["other"], lr=other_lr * scale),
-        dict(params=groups["mix"], lr=mix_lr * scale),
-    ]
-    adam_groups = [g for g in adam_groups if g["params"]]
-    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-    muon = Muon(groups["matrix"], lr=matrix_lr)
+    adam_groups = [dict(params=groups[name], lr=lr[f"{name}_lr"] * scale) for name in ("embedding", "head", "other", "mix")]
+    adamw = torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+    muon = Muon(groups["matrix"], lr=lr["matrix_lr"])
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:

@@ -1,6 +1,6 @@
 """
-Helpers shared by the sampling, evaluation and demo scripts: prompt / infill templates, batched
-generation with a progress bar for either model type, and decoding.
+Helpers shared by the sampling, evaluation, comparison and demo scripts: prompt / infill templates, the sampler
+flags, batched generation with a progress bar for any model, and decoding.
 
 Every sample starts with BOS (documents do in training), so position 0 is always known:
     unconditional   [BOS] + seq_len - 1 free positions
@@ -13,7 +13,7 @@ import re
 import torch
 
 from nanochat.common import UserError
-from nanochat.diffusion_roberta import NOISE_SCALE, SAMPLERS, SCORE_TEMPERATURE
+from nanochat.diffusion_roberta import SAMPLERS, DiffusionRoBERTa
 
 BLANK = re.compile(r"\[BLANK:(\d+)\]")
 
@@ -54,64 +54,46 @@ def decode(tokenizer, ids):
 
 
 def add_sampler_args(parser):
-    """The diffusion sampler's flags (a GPT ignores them), shared by the sampling, evaluation and comparison scripts."""
+    """Flags for the options of a model's generate() (its sampler_defaults). A flag left out keeps the model's
+    default; one the model has no use for is an error (a GPT has no sampler options)."""
+    d = DiffusionRoBERTa.sampler_defaults
     a = parser.add_argument
-    a("--sampler", default="ddpm", help=f"one of {', '.join(SAMPLERS)} (ancestral / deterministic)")
-    a("--noise_scale", type=float, default=NOISE_SCALE, help="scales the ancestral noise (1 = the reverse process's)")
-    a("--score_temperature", type=float, default=SCORE_TEMPERATURE,
-      help="divides the predicted noise: < 1 sharpens every step (1 = the reverse process's)")
-    a("--clamp", action="store_true", help="snap every x0 estimate to its nearest token embedding (Diffusion-LM)")
+    a("--sampler", default=None, help=f"diffusion: {' or '.join(SAMPLERS)} (ancestral / deterministic); default {d['sampler']}")
+    a("--noise_scale", type=float, default=None, help=f"diffusion: scales the ancestral noise (1 = the reverse process's; default {d['noise_scale']})")
+    a("--score_temperature", type=float, default=None,
+      help=f"diffusion: divides the predicted noise, < 1 sharpens every step (1 = the reverse process's; default {d['score_temperature']})")
+    a("--clamp", action="store_const", const=True, default=None, help="diffusion: snap every x0 estimate to its nearest token embedding (Diffusion-LM)")
 
 
-def check_sampler_args(args):
-    if args.sampler not in SAMPLERS:
-        raise UserError(f"unknown --sampler {args.sampler!r}; use one of {', '.join(SAMPLERS)}")
-    if not args.noise_scale >= 0:
-        raise UserError(f"--noise_scale must be >= 0, got {args.noise_scale}")
-    if not args.score_temperature > 0:
-        raise UserError(f"--score_temperature must be > 0, got {args.score_temperature}")
+def sampler_options(args, **more):
+    """The add_sampler_args flags that were given (and more, e.g. num_steps), as generate() options."""
+    return {k: v for k, v in dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature,
+                                  clamp=args.clamp, **more).items() if v is not None}
 
 
-def sampler_options(args):
-    """The add_sampler_args flags as keyword arguments of DiffusionRoBERTa.generate."""
-    return dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature, clamp=args.clamp)
+def sampler_settings(model_cls, temperature, options):
+    """All of generate()'s options for a model class, defaults filled in and checked: one UserError if not valid."""
+    try:
+        return model_cls.sampler_settings(temperature, **options)
+    except ValueError as e:
+        raise UserError(f"bad sampling settings: {e}") from None
 
 
-def describe_sampler(options, num_steps=None):
-    """'128 ddpm steps, noise x0.85, score temperature 0.9' (what a report says about how samples were drawn)."""
-    how = f"{num_steps} {options['sampler']} steps" if num_steps else options["sampler"]
-    if options["sampler"] == "ddpm" and options["noise_scale"] != 1:
-        how += f", noise x{options['noise_scale']:g}"
-    if options["score_temperature"] != 1:
-        how += f", score temperature {options['score_temperature']:g}"
-    return how + (", clamped" if options["clamp"] else "")
-
-
-def generate(model, model_type, num_samples, seq_len, known, num_steps=100, temperature=1.0, batch_size=None,
-             generator=None, bar=None, **options):
-    """(num_samples, seq_len) token ids in batches of batch_size. known = {position: id} with BOS at 0
-    (for a GPT it must be a prefix). bar: a tqdm bar over batches x steps, advanced after every step.
-    options: sampler_options() for a diffusion model."""
+def generate(model, num_samples, seq_len, known, temperature=1.0, batch_size=None, generator=None, bar=None, **options):
+    """(num_samples, seq_len) token ids in batches of batch_size, from any model. known = {position: id} with BOS at
+    0 (for a GPT it must be a prefix). bar: a tqdm bar advanced after every step (see progress_total)."""
+    sampler_settings(type(model), temperature, options)
+    try:
+        model.check_known(seq_len, known)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     batch_size = batch_size or num_samples
-    out = []
-    for start in range(0, num_samples, batch_size):
-        b = min(batch_size, num_samples - start)
-        done = bar.n if bar is not None else 0
-        if model_type == "gpt":
-            assert sorted(known) == list(range(len(known))), "a GPT can only continue a prefix"
-            prompt = [known[i] for i in range(len(known))]
-            out.append(model.generate(b, seq_len, prompt=prompt, temperature=temperature, generator=generator))
-        else:
-            step = (lambda i: bar.update(1)) if bar is not None else None
-            out.append(model.generate(b, seq_len, num_steps, temperature=temperature, known=known, generator=generator,
-                                      callback=step, **options))
-        if bar is not None:  # exact per batch, whatever the step count per call
-            bar.update(done + bar_steps(model, model_type, seq_len, num_steps) - bar.n)
-    return torch.cat(out)
+    callback = (lambda: bar.update(1)) if bar is not None else None
+    return torch.cat([model.generate(min(batch_size, num_samples - start), seq_len, known, temperature, generator, callback, **options)
+                      for start in range(0, num_samples, batch_size)])
 
 
-def bar_steps(model, model_type, seq_len, num_steps):
-    """Progress units per batch: denoising steps, num_steps per block (a GPT's batch counts as one unit)."""
-    if model_type == "gpt":
-        return 1
-    return -(-seq_len // (model.config.block_size or seq_len)) * num_steps
+def progress_total(model, num_samples, seq_len, known, batch_size=None, temperature=1.0, **options):
+    """Steps of a generate() call for a progress bar: batches x the model's steps per batch."""
+    settings = sampler_settings(type(model), temperature, options)
+    return -(-num_samples // (batch_size or num_samples)) * model.progress_steps(seq_len, known, settings)

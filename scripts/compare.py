@@ -31,24 +31,19 @@ import math
 import os
 import shlex
 import time
-from contextlib import nullcontext
-from dataclasses import fields
 
 import matplotlib.pyplot as plt
 import torch
 
-from nanochat.checkpoint import best_path, build_model, checkpoint_path, load_model, read_checkpoint, state_path
-from nanochat.common import UserError, compute_init, peak_flops, run_main
+from nanochat import train as trainer
+from nanochat.checkpoint import MODEL_TYPES, best_path, checkpoint_path, load_model, read_checkpoint, state_path
+from nanochat.common import UserError, autocast_for, compute_init, finite, fmt, median_times, peak_flops, run_main, sync
 from nanochat.dataloader import DataLoader
-from nanochat.diffusion_roberta import DiffusionConfig
 from nanochat.evaluate import evaluate_bpb
 from nanochat.ngram import NGram
 from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg backend: no display needed)
 from nanochat.sample_quality import generative_nll, sample_quality
-from nanochat.sampling import add_sampler_args, check_sampler_args, decode, describe_sampler, generate, sampler_options
-from scripts import diffusion_train
-from scripts.bench import median_times, trainer
-from scripts.diffusion_eval import finite, fmt, sync
+from nanochat.sampling import add_sampler_args, decode, generate, sampler_options, sampler_settings
 
 # validation evaluations per run, besides the one at step 0. The GPT's best point is what the comparison reports, and
 # on a small corpus its curve jumps by ~0.1 bpb between evaluations (it overfits at a constant learning rate): it is
@@ -76,7 +71,7 @@ def get_args(argv=None):
     a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer")
     a("--eval_tokens", type=int, default=None, help="validation tokens per evaluation (default: diffusion_train's)")
     a("--diffusion_args", default="", help='extra diffusion_train flags for the diffusion model, e.g. "--embed_dim 32"')
-    a("--gpt_args", default="", help='extra diffusion_train flags for the GPT, e.g. "--local_mix 3"')
+    a("--gpt_args", default="", help='extra diffusion_train flags for the GPT, e.g. "--matrix_lr 0.03"')
     a("--out_dir", default="compare_out")
     # samples
     a("--num_samples", type=int, default=64, help="samples per setting")
@@ -103,11 +98,12 @@ def check_args(args):
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.sample_len < 2:
         raise UserError(f"--sample_len must be >= 2 (BOS + at least one token), got {args.sample_len}")
-    if not args.sample_steps or min(args.sample_steps) < 1:
-        raise UserError("--sample_steps needs step counts >= 1, e.g. 8,32,128,512")
-    if not args.temperatures or not args.gpt_temperatures or min(args.temperatures + args.gpt_temperatures) <= 0:
-        raise UserError("--temperatures and --gpt_temperatures need values > 0, e.g. 1.0,0.8")
-    check_sampler_args(args)
+    if not args.sample_steps:
+        raise UserError("--sample_steps needs step counts, e.g. 8,32,128,512")
+    if not args.temperatures or not args.gpt_temperatures:
+        raise UserError("--temperatures and --gpt_temperatures need values, e.g. 1.0,0.8")
+    for setting in sample_settings(args):
+        sampler_settings(MODEL_TYPES[setting["model"]][1], setting["temperature"], setting["options"])
 
 
 # -----------------------------------------------------------------------------
@@ -131,15 +127,15 @@ def train_argv(args, model_type, num_iterations):
 def make_plan(args, device):
     """Training FLOPs per token of both models, tokens per step, the FLOPs budget and each model's steps."""
     try:
-        targs = {m: diffusion_train.get_args(train_argv(args, m, 1)) for m in ("gpt", "diffusion")}
+        targs = {m: trainer.get_args(train_argv(args, m, 1)) for m in ("gpt", "diffusion")}
     except SystemExit:  # argparse has printed what is wrong
         raise UserError(f"--diffusion_args {args.diffusion_args!r} / --gpt_args {args.gpt_args!r}: "
                         f"not valid scripts.diffusion_train flags") from None
     for a in targs.values():
-        diffusion_train.check_args(a)
-    tokenizer = diffusion_train.prepare_data_and_tokenizer(targs["gpt"], 0, False)  # trains one if missing
+        trainer.check_args(a)
+    tokenizer = trainer.prepare_data_and_tokenizer(targs["gpt"], 0, False)  # trains one if missing
     vocab = tokenizer.get_vocab_size()
-    models = {m: build_model(m, diffusion_train.model_config(a, vocab).to_dict()) for m, a in targs.items()}
+    models = {m: MODEL_TYPES[m][1](trainer.model_config(a, vocab)) for m, a in targs.items()}
     T = args.max_seq_len
     flops_per_token = {m: model.flops_per_token(T) for m, model in models.items()}
     tokens_per_step = args.total_batch_size if args.total_batch_size > 0 else args.device_batch_size * T
@@ -150,7 +146,7 @@ def make_plan(args, device):
     else:  # the GPT's training FLOP/s on this device, from a few real steps of one micro-batch
         gpt = models["gpt"].to(device)
         tokens = torch.randint(0, vocab, (args.device_batch_size, T), device=device)
-        step_s = median_times({"gpt": trainer(gpt, tokens, args.compile)}, 5, 2, device)["gpt"]
+        step_s = median_times({"gpt": trainer.training_step(gpt, tokens, args.compile)}, 5, 2, device)["gpt"]
         plan["gpt_flops_per_s"] = flops_per_token["gpt"] * tokens.numel() / step_s
         plan["budget_flops"] = plan["gpt_flops_per_s"] * args.minutes * 60
         print(f"GPT training: {plan['gpt_flops_per_s']:.3e} FLOP/s -> {args.minutes} minutes = {plan['budget_flops']:.3e} FLOPs")
@@ -163,24 +159,13 @@ def final_checkpoint(args, model_type, plan):
 
 
 def can_reuse(args, model_type, plan):
-    """Whether this model's run in --out_dir is complete, with its best checkpoint, and computed what this comparison
-    would: the same model configuration (a checkpoint from before a model flag existed reads as trained without it)
-    and the same other flags (one added to diffusion_train since then counts as the same at its default)."""
+    """Whether this model's run in --out_dir is complete, with its best checkpoint, and was trained with the very
+    flags that this comparison would give it."""
     path = final_checkpoint(args, model_type, plan)
     if not (os.path.isfile(path) and os.path.isfile(state_path(path, 0))):
         return False
-    ckpt = read_checkpoint(path)
-    wanted_args = diffusion_train.get_args(train_argv(args, model_type, plan["num_iterations"][model_type]))
-    trained = build_model(model_type, ckpt["config"])
-    if trained.config != diffusion_train.model_config(wanted_args, ckpt["config"]["vocab_size"]):
-        return False
-    # flags that do not change this run: the model's own (compared above) and the rates of groups it has no
-    # parameters in (the GPT has no "other" or "mix" parameters)
-    empty = {f"{group}_lr" for group, params in trained.param_groups().items() if not params}
-    ignored, defaults = {f.name for f in fields(DiffusionConfig)} | empty, vars(diffusion_train.get_args([]))
-    saved = ckpt["meta"].get("args", {})
-    had, wanted = diffusion_train.resolve(defaults | saved), diffusion_train.resolve(vars(wanted_args))
-    if not set(saved) <= set(defaults) or any(had[k] != v for k, v in wanted.items() if k not in ignored):
+    wanted = vars(trainer.get_args(train_argv(args, model_type, plan["num_iterations"][model_type])))
+    if read_checkpoint(path)["meta"].get("args") != wanted:
         return False
     best = min(torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]["eval"], key=lambda e: e["val_bpb"])
     best_file = best_path(os.path.join(args.out_dir, model_type), model_type)
@@ -211,9 +196,10 @@ def read_run(args, model_type, plan, device, peak):
 # samples
 
 def sample_settings(args):
-    settings = [dict(model="gpt", steps=None, temperature=t, label=f"GPT T={t}") for t in args.gpt_temperatures]
-    return settings + [dict(model="diffusion", steps=s, temperature=t, label=f"diffusion {s} steps T={t}")
-                       for s in args.sample_steps for t in args.temperatures]
+    """Every (model, temperature, generate() options) to sample, with its label."""
+    settings = [dict(model="gpt", steps=None, temperature=t, options={}, label=f"GPT T={t}") for t in args.gpt_temperatures]
+    return settings + [dict(model="diffusion", steps=s, temperature=t, options=sampler_options(args, num_steps=s),
+                            label=f"diffusion {s} steps T={t}") for s in args.sample_steps for t in args.temperatures]
 
 
 def run_setting(models, setting, args, num_samples, sample_len, bos, device, autocast):
@@ -222,9 +208,8 @@ def run_setting(models, setting, args, num_samples, sample_len, bos, device, aut
     sync(device)
     t0 = time.perf_counter()
     with autocast:
-        ids = generate(models[setting["model"]], setting["model"], num_samples, sample_len, {0: bos},
-                       num_steps=setting["steps"] or 1, temperature=setting["temperature"],
-                       batch_size=args.sample_batch_size, generator=g, **sampler_options(args))
+        ids = generate(models[setting["model"]], num_samples, sample_len, {0: bos}, setting["temperature"],
+                       args.sample_batch_size, g, **setting["options"])
     sync(device)
     return ids, time.perf_counter() - t0
 
@@ -248,7 +233,7 @@ def ngram_models(args, tokenizer, device):
     while loader.epoch == 0 and len(rows) * args.max_seq_len < NGRAM_TOKENS:
         rows.append(next(loader))
     rows, vocab = torch.cat(rows), tokenizer.get_vocab_size()
-    val = diffusion_train.validation_batches(diffusion_train.get_args(train_argv(args, "gpt", 1)), tokenizer, 0, 1, device)
+    val = trainer.validation_batches(trainer.get_args(train_argv(args, "gpt", 1)), tokenizer, 0, 1, device)
     models = {name: NGram.fit(rows, order, vocab) for name, order in (("unigram", 1), ("bigram", 2))}
     token_bytes = tokenizer.token_bytes(device)
     scores = {name: dict(evaluate_bpb(m, val, token_bytes), mix=m.mix) for name, m in models.items()}
@@ -271,10 +256,11 @@ def ngram_references(args, ngrams, tokenizer, judge, sample_len, autocast):
 def evaluate_samples(args, models, ngrams, tokenizer, device, autocast):
     sample_len = min(args.sample_len, args.max_seq_len)
     bos, n_out = tokenizer.get_bos_token_id(), args.num_samples * (sample_len - 1)
-    for model_type in models:  # warm-up, so that no setting pays for it
-        run_setting(models, dict(model=model_type, steps=1, temperature=1.0), args, 1, min(sample_len, 4), bos, device, autocast)
+    settings = sample_settings(args)
+    for setting in {s["model"]: s for s in settings}.values():  # warm-up, so that no setting pays for it
+        run_setting(models, setting, args, 1, min(sample_len, 4), bos, device, autocast)
     results = []
-    for setting in sample_settings(args):
+    for setting in settings:
         print(f"sampling {args.num_samples} x {sample_len} tokens: {setting['label']}")
         ids, seconds = run_setting(models, setting, args, args.num_samples, sample_len, bos, device, autocast)
         with autocast:
@@ -287,9 +273,12 @@ def evaluate_samples(args, models, ngrams, tokenizer, device, autocast):
     for r in results + references:
         r["nll_ratio"] = r["gen_nll"] / gpt_ref["gen_nll"]
         r["entropy_ratio"] = r["unigram_entropy_nats"] / gpt_ref["unigram_entropy_nats"]
-    options = sampler_options(args)
+    diffusion = models["diffusion"]
+    options = sampler_settings(type(diffusion), 1.0, sampler_options(args))
+    options.pop("num_steps")  # each setting has its own
+    steps = "/".join(str(s) for s in args.sample_steps)
     return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out,
-                sampler=describe_sampler(options), sampler_options=options,
+                sampler=diffusion.describe_sampler({**options, "num_steps": steps}), sampler_options=options,
                 ratios_relative_to=gpt_ref["label"], settings=results, references=references)
 
 
@@ -407,12 +396,13 @@ def main(argv=None):
         if args.reuse and can_reuse(args, m, plan):
             print(f"{m}: reusing the finished run in {args.out_dir}/{m}")
         else:
-            diffusion_train.main(train_argv(args, m, plan["num_iterations"][m]))
+            trainer.main(train_argv(args, m, plan["num_iterations"][m]))
 
     peak = peak_flops(device)
     runs = {m: read_run(args, m, plan, device, peak) for m in ("gpt", "diffusion")}
-    models, train = {m: r[0] for m, r in runs.items()}, {m: r[1] for m, r in runs.items()}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    models = {m: r[0] for m, r in runs.items()}
+    train = {m: r[1] for m, r in runs.items()}
+    autocast = autocast_for(device)
     ngrams, ngram_bpb = ngram_models(args, tokenizer, device)
     result = dict(args=vars(args), device=device_name(device), git_commit=git_commit(), peak_flops=peak, plan=plan,
                   train=train, bpb_ratio=train["diffusion"]["val_bpb"] / train["gpt"]["val_bpb"],

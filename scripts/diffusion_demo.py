@@ -191,8 +191,8 @@ def step4_reverse(model, tokenizer, device, args):
     model.eval()
     seq_len = min(64, model.config.max_seq_len)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    tokens, trajectory = model.generate(1, seq_len, args.num_steps, prompt=[tokenizer.get_bos_token_id()],
-                                        generator=g, return_trajectory=True)
+    tokens, trajectory = model.generate(1, seq_len, {0: tokenizer.get_bos_token_id()}, generator=g,
+                                        return_trajectory=True, num_steps=args.num_steps)
     every = max(1, len(trajectory) // 10)  # block diffusion: num_steps per block
     for i, step_tokens in enumerate(trajectory):
         if (i + 1) % every == 0 or i == 0 or i == len(trajectory) - 1:

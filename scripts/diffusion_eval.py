@@ -20,19 +20,17 @@ likelihood). Where the gain is near zero the model has learned nothing about con
 import argparse
 import itertools
 import json
-import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 
 from nanochat.checkpoint import load_model
-from nanochat.common import UserError, compute_init, peak_flops, run_main
+from nanochat.common import UserError, autocast_for, compute_init, finite, fmt, peak_flops, run_main, sync
 from nanochat.dataloader import DataLoader
-from nanochat.evaluate import context_gain, evaluate_bpb, evaluate_loss, unigram_log_prior
+from nanochat.evaluate import evaluate_bpb, evaluate_loss, unigram_log_prior
 from nanochat.sample_quality import load_judge, sample_quality
-from nanochat.sampling import add_sampler_args, check_sampler_args, decode, describe_sampler, generate, sampler_options
+from nanochat.sampling import add_sampler_args, decode, generate, sampler_options, sampler_settings
 
 
 def get_args(argv=None):
@@ -46,7 +44,7 @@ def get_args(argv=None):
     a("--throughput_steps", type=int, default=10, help="timed forward+backward passes for training throughput (0 = skip)")
     a("--num_samples", type=int, default=32, help="samples for sampling throughput and quality (0 = skip)")
     a("--sample_len", type=int, default=None, help="tokens per sample, BOS included (default: 128, capped at max_seq_len)")
-    a("--sample_steps", type=int, default=128, help="denoising steps per sample")
+    a("--sample_steps", type=int, default=None, help="denoising steps per sample (default: the model's, 128)")
     a("--temperature", type=float, default=1.0, help="divides the logits and scales the sampler's noise")
     a("--context_levels", type=int, default=7, help="noise levels for the context-gain table (diffusion only; 0 = skip)")
     a("--judge", default=None, help="gpt checkpoint for generative perplexity (same tokenizer)")
@@ -58,7 +56,7 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    for name in ("eval_tokens", "batch_size", "sample_steps"):
+    for name in ("eval_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("throughput_steps", "num_samples", "context_levels"):
@@ -68,16 +66,6 @@ def check_args(args):
         raise UserError(f"--bound_samples must be >= 1, got {args.bound_samples}")
     if args.sample_len is not None and args.sample_len < 2:
         raise UserError(f"--sample_len must be >= 2 (BOS + at least one token), got {args.sample_len}")
-    if not args.temperature > 0:
-        raise UserError(f"--temperature must be > 0, got {args.temperature}")
-    check_sampler_args(args)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def val_batches(tokenizer, args, seq_len, device):
@@ -115,16 +103,14 @@ def train_throughput(model, batch, steps, device, autocast):
                 batch=list(batch.shape), steps=steps)
 
 
-def sample_throughput(model, model_type, args, sample_len, bos, device, autocast):
+def sample_throughput(model, args, options, sample_len, bos, device, autocast):
     """(generated token ids (num_samples, sample_len), generated tokens/s excluding the BOS prompt)."""
     g = torch.Generator(device=device).manual_seed(args.seed)
-    kw = dict(num_steps=args.sample_steps, temperature=args.temperature, batch_size=args.batch_size, generator=g,
-              **sampler_options(args))
     with autocast:
-        generate(model, model_type, 1, min(sample_len, 4), {0: bos}, **{**kw, "num_steps": 1})  # warm-up
+        generate(model, 1, min(sample_len, 4), {0: bos}, args.temperature, generator=g, **options)  # warm-up
         sync(device)
         t0 = time.perf_counter()
-        ids = generate(model, model_type, args.num_samples, sample_len, {0: bos}, **kw)
+        ids = generate(model, args.num_samples, sample_len, {0: bos}, args.temperature, args.batch_size, g, **options)
         sync(device)
     dt = time.perf_counter() - t0
     return ids, args.num_samples * (sample_len - 1) / dt
@@ -135,27 +121,14 @@ def measure_context_gain(model, tokenizer, args, tokens, device, prior_tokens=2*
     train = DataLoader(tokenizer, tokens.size(0), tokens.size(1), "train", args.data_dir, device=device)
     log_prior = unigram_log_prior(itertools.islice(train, max(1, prior_tokens // tokens.numel())), c.vocab_size)
     gammas = torch.linspace(c.gamma_min, c.gamma_max, args.context_levels).tolist()
-    return context_gain(model, tokens, log_prior, gammas, seed=args.seed)
-
-
-def fmt(x, spec=".4f"):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def finite(x):
-    """NaN / inf -> None, so that the JSON is standard."""
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [finite(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
+    return model.context_gain(tokens, log_prior, gammas, seed=args.seed)
 
 
 def print_table(r):
     v, kind = r["val"], r["model_type"]
     rows = [
-        (f"validation loss ({'diffusion' if kind == 'diffusion' else 'next-token CE'})", fmt(v["loss"])),
-        (f"validation bpb ({'likelihood bound' if kind == 'diffusion' else 'exact'})", f"{fmt(v['bpb'])} ± {fmt(v['bpb_stderr'])}"),
+        ("validation loss (the training objective)", fmt(v["loss"])),
+        (f"validation bpb ({r['nll_kind']})", f"{fmt(v['bpb'])} ± {fmt(v['bpb_stderr'])}"),
         ("validation tokens used", f"{v['tokens']:,} of {v['tokens_requested']:,} requested"
                                    + (" (the val split is smaller)" if v["split_exhausted"] else "")),
     ]
@@ -166,9 +139,8 @@ def print_table(r):
     if s is None:
         rows.append(("sampling / sample quality", "skipped (--num_samples 0)"))
     else:
-        how = "autoregressive" if kind == "gpt" else describe_sampler(s, s["steps"])
         rows += [
-            (f"sampling throughput ({how})", f"{s['tokens_per_s']:,.0f} tok/s ({s['num_samples']} x {s['sample_len']} tokens)"),
+            (f"sampling throughput ({s['how']})", f"{s['tokens_per_s']:,.0f} tok/s ({s['num_samples']} x {s['sample_len']} tokens)"),
             ("unigram entropy (nats, mean per sample)", fmt(q["unigram_entropy_nats"], ".3f")),
             ("distinct-1 / distinct-2", f"{fmt(q['distinct_1'], '.3f')} / {fmt(q['distinct_2'], '.3f')}"),
             ("repetition rate (repeated 4-grams)", fmt(q["repetition_rate_4gram"], ".3f")),
@@ -192,6 +164,8 @@ def main(argv=None):
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     model_type, T = ckpt["model_type"], model.config.max_seq_len
+    options = sampler_options(args, num_steps=args.sample_steps)
+    settings = sampler_settings(type(model), args.temperature, options)
     sample_len = args.sample_len or min(128, T)
     if sample_len > T:
         raise UserError(f"--sample_len {sample_len} is larger than the model's maximum sequence length {T}")
@@ -200,9 +174,11 @@ def main(argv=None):
         judge = load_judge(args.judge, tokenizer, device)
         if sample_len > judge.config.max_seq_len:
             raise UserError(f"--sample_len {sample_len} is longer than the judge's max_seq_len {judge.config.max_seq_len}")
-    if args.bound_samples and model_type == "diffusion":
+    if args.bound_samples:
+        if not hasattr(model.config, "bound_samples"):
+            raise UserError(f"--bound_samples: this {model_type} checkpoint has no likelihood bound (its bits per byte are exact)")
         model.config.bound_samples = args.bound_samples
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = autocast_for(device)
     bos = tokenizer.get_bos_token_id()
 
     batches, exhausted = val_batches(tokenizer, args, T, device)
@@ -212,13 +188,13 @@ def main(argv=None):
     with autocast:
         loss = evaluate_loss(model, batches)
         bpb = evaluate_bpb(model, batches, tokenizer.token_bytes(device))
-    result = dict(checkpoint=args.checkpoint, model_type=model_type, step=ckpt["step"], device=str(device),
+    result = dict(checkpoint=args.checkpoint, model_type=model_type, nll_kind=model.nll_kind, step=ckpt["step"], device=str(device),
                   config=model.config.to_dict(), num_params=model.num_params(),
                   val=dict(loss=loss, bpb=bpb["bpb"], bpb_stderr=bpb["stderr"], tokens=read,
                            tokens_requested=args.eval_tokens, split_exhausted=exhausted),
                   train_throughput=None, sampling=None, sample_quality=None, samples=[], context_gain=None)
 
-    if args.context_levels and model_type == "diffusion":
+    if args.context_levels and hasattr(model, "context_gain"):  # a diffusion model's use of context by noise level
         print("measuring context gain by noise level")
         result["context_gain"] = measure_context_gain(model, tokenizer, args, batches[0], device)
 
@@ -227,11 +203,10 @@ def main(argv=None):
         result["train_throughput"] = train_throughput(model, batches[0], args.throughput_steps, device, autocast)
     if args.num_samples:
         print(f"sampling {args.num_samples} x {sample_len} tokens")
-        ids, tok_per_s = sample_throughput(model, model_type, args, sample_len, bos, device, autocast)
+        ids, tok_per_s = sample_throughput(model, args, options, sample_len, bos, device, autocast)
         samples = [row[1:] for row in ids.tolist()]  # without the BOS they start from
         result["sampling"] = dict(tokens_per_s=tok_per_s, num_samples=args.num_samples, sample_len=sample_len,
-                                  steps=None if model_type == "gpt" else args.sample_steps, temperature=args.temperature,
-                                  **(dict(sampler="autoregressive") if model_type == "gpt" else sampler_options(args)))
+                                  temperature=args.temperature, how=model.describe_sampler(settings), **settings)
         with autocast:
             result["sample_quality"] = dict(sample_quality(samples, judge, bos), judge=args.judge)
         result["samples"] = [decode(tokenizer, row) for row in ids.tolist()]

@@ -14,15 +14,13 @@ free positions after the template. Samples are reproducible for a given --seed a
 import argparse
 import json
 import os
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 
 from nanochat.checkpoint import load_model
-from nanochat.common import UserError, compute_init, run_main
-from nanochat.sampling import (add_sampler_args, bar_steps, build_infill, check_sampler_args, decode, describe_sampler,
-                               generate, parse_infill, sampler_options)
+from nanochat.common import UserError, autocast_for, compute_init, run_main
+from nanochat.sampling import add_sampler_args, build_infill, decode, generate, parse_infill, progress_total, sampler_options, sampler_settings
 
 
 def get_args(argv=None):
@@ -31,7 +29,7 @@ def get_args(argv=None):
     a("--checkpoint", required=True, help="model file, e.g. checkpoints/diffusion_step_005000.pt")
     a("--num_samples", type=int, default=5)
     a("--seq_len", type=int, default=None, help="tokens per sample, BOS included (default: 128, or the infill template's length)")
-    a("--num_steps", type=int, default=100, help="denoising steps")
+    a("--num_steps", type=int, default=None, help="denoising steps (default: the model's, 128)")
     a("--temperature", type=float, default=1.0, help="divides the logits and scales the sampler's noise")
     a("--batch_size", type=int, default=None, help="samples per generate() call (default: all at once)")
     a("--seed", type=int, default=42)
@@ -47,11 +45,6 @@ def check_args(args):
     """Everything that can be checked without the checkpoint."""
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {args.num_samples}")
-    if args.num_steps < 1:
-        raise UserError(f"--num_steps must be >= 1, got {args.num_steps}")
-    if not args.temperature > 0:
-        raise UserError(f"--temperature must be > 0, got {args.temperature}")
-    check_sampler_args(args)
     if args.seq_len is not None and args.seq_len < 1:
         raise UserError(f"--seq_len must be >= 1, got {args.seq_len}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -62,17 +55,15 @@ def check_args(args):
         parse_infill(args.infill)
 
 
-def plan(args, tokenizer, max_seq_len, model_type, block_size=0):
+def plan(args, tokenizer, model):
     """(seq_len, known {position: id}) for the request; UserError when it cannot fit."""
-    bos = tokenizer.get_bos_token_id()
+    bos, max_seq_len = tokenizer.get_bos_token_id(), model.config.max_seq_len
     if args.seq_len is not None and args.seq_len > max_seq_len:
         raise UserError(f"--seq_len {args.seq_len} is larger than the model's maximum sequence length {max_seq_len}")
     if args.infill is not None:
-        if model_type == "gpt":
-            raise UserError("--infill needs a diffusion checkpoint (a GPT can only continue a prompt)")
-        if block_size:
-            raise UserError(f"--infill needs a whole-sequence diffusion model; this one writes blocks of {block_size} tokens "
-                            "left to right and cannot see the text after a gap (train with --block_size 0)")
+        if not model.can_infill:
+            raise UserError("--infill needs a whole-sequence diffusion model: this checkpoint writes left to right (a GPT, or "
+                            "block diffusion) and cannot see the text after a gap; use --prompt, or train with --block_size 0")
         known, length, _ = build_infill(tokenizer, args.infill)
         seq_len = args.seq_len or length
         if length > seq_len or length > max_seq_len:
@@ -93,33 +84,23 @@ def main(argv=None):
     check_args(args)
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
-    model_type = ckpt["model_type"]
-    block_size = model.config.block_size if model_type == "diffusion" else 0
-    seq_len, known = plan(args, tokenizer, model.config.max_seq_len, model_type, block_size)
-    batch_size = args.batch_size or args.num_samples
-    options = sampler_options(args)
-    how = "autoregressive" if model_type == "gpt" else describe_sampler(options, args.num_steps)
-    if block_size:
-        how += f" per block of {block_size} tokens"
-    print(f"{model_type} checkpoint {args.checkpoint} (step {ckpt['step']}): {args.num_samples} samples x {seq_len} tokens, "
-          f"{how}, temperature {args.temperature}, seed {args.seed}")
+    seq_len, known = plan(args, tokenizer, model)
+    options = sampler_options(args, num_steps=args.num_steps)
+    settings = sampler_settings(type(model), args.temperature, options)
+    print(f"{ckpt['model_type']} checkpoint {args.checkpoint} (step {ckpt['step']}): {args.num_samples} samples x {seq_len} "
+          f"tokens, {model.describe_sampler(settings)}, temperature {args.temperature}, seed {args.seed}")
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    num_batches = -(-args.num_samples // batch_size)
-    with tqdm(total=num_batches * bar_steps(model, model_type, seq_len, args.num_steps), desc="sampling" if model_type == "gpt" else "denoising",
-              unit="batch" if model_type == "gpt" else "step") as bar, autocast:
-        ids = generate(model, model_type, args.num_samples, seq_len, known, args.num_steps, args.temperature,
-                       batch_size, generator, bar, **options)
+    total = progress_total(model, args.num_samples, seq_len, known, args.batch_size, args.temperature, **options)
+    with tqdm(total=total, desc="sampling", unit="step") as bar, autocast_for(device):
+        ids = generate(model, args.num_samples, seq_len, known, args.temperature, args.batch_size, generator, bar, **options)
 
     records = []
     for i, row in enumerate(ids.tolist()):
         text = decode(tokenizer, row)
         print(f"\n--- sample {i + 1}/{args.num_samples} ---\n{text}")
-        records.append(dict(text=text, tokens=row, prompt=args.prompt, infill=args.infill,
-                            num_steps=None if model_type == "gpt" else args.num_steps, temperature=args.temperature,
-                            **(dict(sampler="autoregressive") if model_type == "gpt" else options),
-                            seed=args.seed, checkpoint=args.checkpoint))
+        records.append(dict(text=text, tokens=row, prompt=args.prompt, infill=args.infill, temperature=args.temperature,
+                            sampling=model.describe_sampler(settings), **settings, seed=args.seed, checkpoint=args.checkpoint))
     if args.output:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

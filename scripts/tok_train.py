@@ -9,19 +9,8 @@ import os
 import time
 
 from nanochat.common import get_base_dir, run_main
-from nanochat.dataset import parquets_iter_batched, split_files
+from nanochat.dataset import parquets_iter_batched, split_files, text_iterator
 from nanochat.tokenizer import Tokenizer
-
-
-def text_iterator(data_dir, max_chars, doc_cap):
-    nchars = 0
-    for texts in parquets_iter_batched("train", data_dir):
-        for doc in texts:
-            doc = doc[:doc_cap]
-            nchars += len(doc)
-            yield doc
-            if nchars >= max_chars:
-                return
 
 
 def bytes_per_token(tokenizer, data_dir):

@@ -4,8 +4,10 @@ import json
 import pytest
 
 from nanochat.common import UserError
-from nanochat.diffusion_roberta import NOISE_SCALE
+from nanochat.diffusion_roberta import DiffusionRoBERTa
 from scripts import bench, compare
+
+NOISE_SCALE = DiffusionRoBERTa.sampler_defaults["noise_scale"]
 
 
 def test_bench_prints_json(capsys):
@@ -68,7 +70,7 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
     for text in ("![bpb](bpb_vs_flops.png)", "![frontier](frontier.png)", "diffusion bpb / GPT bpb", "between the best values", "### GPT T=1.0",
                  "### diffusion 4 steps T=1.0", "### validation text", "| diffusion 2 steps T=0.7 |",
                  "| bigram samples (training split) |", "Count-based references on the same validation tokens: unigram",
-                 f"diffusion sampler ddpm, noise x{NOISE_SCALE:g}, score temperature 0.8;"):
+                 f"diffusion sampler 2/4 ddpm steps, noise x{NOISE_SCALE:g}, score temperature 0.8;"):
         assert text in md, text
 
 
@@ -86,7 +88,7 @@ def test_compare_reuse_keeps_a_finished_run_with_the_same_flags(tiny_data_dir, t
     assert second["diffusion"]["evals"] != first["diffusion"]["evals"]
 
 
-def test_reuse_reads_old_checkpoints_as_trained_and_needs_the_best_checkpoint(tiny_data_dir, tiny_tokenizer, tmp_path):
+def test_reuse_needs_the_same_flags_and_the_best_checkpoint(tiny_data_dir, tiny_tokenizer, tmp_path):
     argv = compare_argv(tiny_data_dir, tiny_tokenizer[1], tmp_path, "--flops", "1e8")
     compare.main(argv)
     args = compare.get_args(argv)
@@ -95,31 +97,12 @@ def test_reuse_reads_old_checkpoints_as_trained_and_needs_the_best_checkpoint(ti
     runs = {m: compare.train_argv(args, m, 240) for m in ("gpt", "diffusion")}
     every = {m: argv_m[argv_m.index("--eval_every") + 1] for m, argv_m in runs.items()}
     assert every == {"gpt": "10", "diffusion": "30"}  # the GPT's best point, which it reports, on a finer grid
+    assert not compare.can_reuse(compare.get_args(argv + ["--gpt_args", "--matrix_lr 0.03"]), "gpt", plan)  # another GPT
     path = compare.final_checkpoint(args, "diffusion", plan)
     ckpt = compare.torch.load(path, weights_only=True)
-    for d in (ckpt["config"], ckpt["meta"]["args"]):  # as written before --local_mix existed: trained without it
-        del d["local_mix"]
+    ckpt["meta"]["args"]["matrix_lr"] = 0.02  # trained at another rate: another computation
     compare.torch.save(ckpt, path)
-    assert not compare.can_reuse(args, "diffusion", plan)  # the default now mixes: another model
-    argv[argv.index("--diffusion_args") + 1] += " --local_mix 0"
-    assert compare.can_reuse(compare.get_args(argv), "diffusion", plan)
-    ckpt["meta"]["args"]["no_such_flag"] = 1  # a flag this version does not know: another computation
-    compare.torch.save(ckpt, path)
-    assert not compare.can_reuse(compare.get_args(argv), "diffusion", plan)
-    gpt_path = compare.final_checkpoint(args, "gpt", plan)
-    gpt = compare.torch.load(gpt_path, weights_only=True)
-    gpt["meta"]["args"]["mix_lr"] = 0.001  # the GPT has no local mixing: this rate changes nothing
-    gpt["meta"]["args"]["head_lr"] = None  # as written before the per-model defaults were stored: the GPT's own
-    compare.torch.save(gpt, gpt_path)
-    assert compare.can_reuse(args, "gpt", plan)
-    ckpt["meta"]["args"].pop("no_such_flag")
-    ckpt["meta"]["args"]["matrix_lr"] = 0.02  # the GPT's Muon rate, the diffusion default before it had its own
-    compare.torch.save(ckpt, path)
-    assert not compare.can_reuse(compare.get_args(argv), "diffusion", plan)
-    assert not compare.can_reuse(compare.get_args(argv + ["--gpt_args", "--local_mix 3"]), "gpt", plan)  # another GPT
-    gpt["meta"]["args"]["matrix_lr"] = 0.001  # this one does
-    compare.torch.save(gpt, gpt_path)
-    assert not compare.can_reuse(args, "gpt", plan)
+    assert not compare.can_reuse(args, "diffusion", plan)
     (tmp_path / "gpt" / "gpt_best.pt").unlink()  # e.g. overwritten by an interrupted rerun: its best step is gone
     assert not compare.can_reuse(args, "gpt", plan)
 
@@ -134,7 +117,8 @@ def test_compare_minutes_budget(tiny_data_dir, tiny_tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--flops", "0"], ["--minutes", "1", "--sample_steps", "0,8"],
-                                 ["--flops", "1e9", "--temperatures", "0"], ["--flops", "1e9", "--sample_len", "1"]])
+                                 ["--flops", "1e9", "--temperatures", "0"], ["--flops", "1e9", "--temperatures", "nan"],
+                                 ["--flops", "1e9", "--noise_scale", "inf"], ["--flops", "1e9", "--sample_len", "1"]])
 def test_compare_bad_flags(bad):
     with pytest.raises(UserError):
         compare.main(bad)

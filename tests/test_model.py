@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from nanochat.diffusion_roberta import (
-    OBJECTIVES, SCHEDULES, WARP_BINS, WARP_FLOOR, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, apply_rotary,
-    alpha_sigma, block_attention_mask, rotary_cos_sin,
+    OBJECTIVES, SCHEDULES, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, alpha_sigma, block_attention_mask,
 )
 from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.transformer import apply_rotary, rotary_cos_sin
 
 
 def tiny_config(**kw):
@@ -75,11 +75,10 @@ def test_truncated_schedule_endpoints_and_slope(name):
     assert torch.allclose(slope, numeric, rtol=1e-4)
 
 
-@pytest.mark.parametrize("objective,extra", [(o, {}) for o in OBJECTIVES] + [
-    ("logits", dict(posterior_input=True)), ("logits", dict(time_cond="add", token_noise_rate=1.0))])
-def test_objective_overfits_one_batch(objective, extra):
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objective_overfits_one_batch(objective):
     torch.manual_seed(0)
-    model = DiffusionRoBERTa(tiny_config(objective=objective, **extra))
+    model = DiffusionRoBERTa(tiny_config(objective=objective))
     tokens = torch.randint(0, 32, (4, 16))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -110,7 +109,7 @@ def test_generate_shapes_determinism_prompt_and_known(sampler):
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return model.generate(3, 16, 8, sampler=sampler, prompt=prompt, known=known, generator=g)
+        return model.generate(3, 16, dict(enumerate(prompt)) | known, generator=g, num_steps=8, sampler=sampler)
 
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (3, 16) and a.dtype == torch.long
@@ -118,7 +117,7 @@ def test_generate_shapes_determinism_prompt_and_known(sampler):
     assert sampler == "ddim" or not torch.equal(a, c)
     assert (a[:, :3] == torch.tensor(prompt)).all()
     assert (a[:, 10] == 3).all() and (a[:, 15] == 31).all()
-    short = model.generate(2, 5, 3, sampler=sampler, clamp=True, temperature=0.7)
+    short = model.generate(2, 5, temperature=0.7, num_steps=3, sampler=sampler, clamp=True)
     assert short.shape == (2, 5) and short.max() < 32
 
 
@@ -151,19 +150,23 @@ def test_step_noise_scale_and_score_temperature():
 
 def test_generate_trajectory():
     model = randomize(DiffusionRoBERTa(tiny_config())).eval()
-    tokens, traj = model.generate(2, 16, 4, return_trajectory=True, prompt=[1])
+    tokens, traj = model.generate(2, 16, {0: 1}, return_trajectory=True, num_steps=4)
     assert len(traj) == 4 and all(t.shape == (2, 16) for t in traj)
     assert torch.equal(traj[-1], tokens)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_steps=0), "num_steps"),
+    (dict(num_steps=2.5), "num_steps"),
     (dict(temperature=0.0), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
     (dict(score_temperature=0.0), "score_temperature"),
     (dict(noise_scale=-0.5), "noise_scale"),
+    (dict(noise_scale=float("nan")), "noise_scale"),
     (dict(sampler="euler"), "sampler"),
+    (dict(top_k=3), "no sampler option top_k"),
     (dict(seq_len=17), "seq_len"),
-    (dict(prompt=list(range(20))), "inside seq_len"),
+    (dict(known=dict(enumerate(range(20)))), "inside seq_len"),
     (dict(known={3: 99}), "vocab_size"),
 ])
 def test_generate_rejects_bad_arguments(kwargs, message):
@@ -173,8 +176,20 @@ def test_generate_rejects_bad_arguments(kwargs, message):
         model.generate(**args)
 
 
+def test_gpt_generate_continues_a_prompt_only():
+    gpt = randomize(GPT(GPTConfig(vocab_size=32, depth=1, max_seq_len=16))).eval()
+    steps = []
+    out = gpt.generate(2, 10, {0: 1, 1: 2}, generator=torch.Generator().manual_seed(0), callback=lambda: steps.append(1))
+    assert out.shape == (2, 10) and (out[:, :2] == torch.tensor([1, 2])).all() and len(steps) == gpt.progress_steps(10, {0: 1, 1: 2}, {})
+    for bad, message in (({3: 1}, "continues a prompt"), ({}, "continues a prompt")):
+        with pytest.raises(ValueError, match=message):
+            gpt.generate(1, 10, bad)
+    with pytest.raises(ValueError, match="no sampler option num_steps"):
+        gpt.generate(1, 10, {0: 1}, num_steps=8)
+
+
 def test_config_validation_and_json_round_trip():
-    cfg = tiny_config(objective="x0", schedule="sqrt", self_cond=False)
+    cfg = tiny_config(objective="eps", schedule="sqrt", self_cond=False)
     assert DiffusionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="objective"):
         tiny_config(objective="v")
@@ -196,8 +211,8 @@ def test_checkpoint_round_trip_gives_identical_outputs():
     torch.manual_seed(0)
     b = clone.nll_bound(tokens, num_t=4)
     assert torch.equal(a, b)
-    ga = model.generate(2, 16, 4, generator=torch.Generator().manual_seed(3))
-    gb = clone.generate(2, 16, 4, generator=torch.Generator().manual_seed(3))
+    ga = model.generate(2, 16, generator=torch.Generator().manual_seed(3), num_steps=4)
+    gb = clone.generate(2, 16, generator=torch.Generator().manual_seed(3), num_steps=4)
     assert torch.equal(ga, gb)
 
 
@@ -266,7 +281,7 @@ def test_block_generation_is_left_to_right():
     model = randomize(DiffusionRoBERTa(tiny_config(block_size=4))).eval()
 
     def run(seq_len, **kw):
-        return model.generate(2, seq_len, 3, prompt=[5, 6], known={9: 7}, generator=torch.Generator().manual_seed(0), **kw)
+        return model.generate(2, seq_len, {0: 5, 1: 6, 9: 7}, generator=torch.Generator().manual_seed(0), num_steps=3, **kw)
 
     tokens, traj = run(16, return_trajectory=True)
     assert tokens.shape == (2, 16) and (tokens[:, :2] == torch.tensor([5, 6])).all() and (tokens[:, 9] == 7).all()
@@ -337,8 +352,6 @@ def test_flops_and_params():
     assert model.flops_per_token(16) == 6 * (n + 2 * 32 * 8) + 12 * 2 * 128 * 16  # + softmax @ E and the skip
     sc = DiffusionRoBERTa(tiny_config(depth=2, self_cond=True, self_cond_rate=0.5))
     assert sc.flops_per_token(16) > model.flops_per_token(16)
-    pi = DiffusionRoBERTa(tiny_config(depth=2, self_cond=False, posterior_input=True))
-    assert pi.flops_per_token(16) == model.flops_per_token(16) + 6 * 32 * 128  # + posterior @ W_in (V x d)
     blocks = DiffusionRoBERTa(tiny_config(depth=2, self_cond=False, block_size=4))
     assert blocks.matmul_params() == n  # the clean stream's table is a lookup
     clean = 12 / 16  # clean-stream tokens per noisy token: the 3 blocks before the last
@@ -346,51 +359,9 @@ def test_flops_and_params():
     assert blocks.flops_per_token(16) == pytest.approx(expected)
 
 
-def test_token_noise_gives_rows_a_noise_level_per_token():
-    model = DiffusionRoBERTa(tiny_config(time_cond="add", token_noise_rate=0.5))
-    torch.manual_seed(0)
-    t, _ = model.sample_t(64, 16)
-    per_token = (t != t[:, :1]).any(1)
-    assert t.shape == (64, 16) and 0.25 < per_token.float().mean() < 0.75  # about half the rows
-    strata = (t[~per_token, 0] * 64).floor()
-    assert strata.unique().numel() == strata.numel()  # rows with one level keep their stratified timesteps
-    assert DiffusionRoBERTa(tiny_config()).sample_t(8, 16)[0].shape == (8,)
-    with pytest.raises(ValueError, match="time_cond 'add'"):
-        tiny_config(token_noise_rate=0.5)
-
-
-def test_time_warp_samples_where_the_loss_grows_and_keeps_the_elbo_unbiased():
-    model = DiffusionRoBERTa(tiny_config(time_warp=True))
-    q = model.warp_density()
-    assert torch.allclose(q, torch.full((WARP_BINS,), 1 / WARP_BINS, dtype=torch.float64))  # uniform before any data
-    # every bin observed once, the cross-entropy jumping from 0 to 3 across bins 8..11
-    ce = torch.where(torch.arange(WARP_BINS) < 8, 0.0, torch.where(torch.arange(WARP_BINS) < 12, 1.0 * (torch.arange(WARP_BINS) - 7), 4.0))
-    t_seen = (torch.arange(WARP_BINS) + 0.5) / WARP_BINS
-    model.train()
-    for _ in range(600):  # long enough for the pseudo-counts of the initial (uniform) curve to fade
-        model.record_warp(t_seen, ce[:, None].expand(-1, 4), torch.ones(WARP_BINS, 4, dtype=torch.bool))
-        model.update_time_warp()
-    assert model.warp_stats.abs().sum() == 0
-    q = model.warp_density()
-    steep = slice(8, 12)
-    assert q[steep].sum() > 0.75 and torch.allclose(q[:8], torch.full((8,), WARP_FLOOR / WARP_BINS, dtype=torch.float64), rtol=0.05)
-    torch.manual_seed(0)
-    t, density = model.sample_t(20000, 4)
-    hist = torch.bincount((t * WARP_BINS).long(), minlength=WARP_BINS).double() / t.numel()
-    assert torch.allclose(hist, q, atol=0.01)
-    assert torch.allclose(density, q[(t * WARP_BINS).long()] * WARP_BINS)
-    # the importance weight 1 / density makes the ELBO term's expectation that of uniform t
-    f = lambda t: torch.exp(3 * t)
-    assert abs((f(t) / density).mean().item() - (math.e**3 - 1) / 3) < 0.05
-    # only noised tokens are recorded
-    model.record_warp(torch.tensor([0.1, 0.9]), torch.ones(2, 3), torch.tensor([[True, False, False], [True, True, True]]))
-    assert model.warp_stats[1].sum() == 4 and model.warp_stats[1, int(0.9 * WARP_BINS)] == 3
-
-
 def test_context_gain_detects_learned_context():
     """On sequences where every token is its predecessor + 1, a denoiser trained at one noise level must beat
     the best token-alone denoiser there by a wide margin, and an untrained one must not."""
-    from nanochat.evaluate import context_gain
     torch.manual_seed(0)
     V, T, B, gamma = 64, 32, 16, 1.0
     config = DiffusionConfig(vocab_size=V, depth=2, max_seq_len=T, embed_dim=16, gamma_min=gamma - 0.05,
@@ -398,7 +369,7 @@ def test_context_gain_detects_learned_context():
     model = DiffusionRoBERTa(config)
     batch = lambda: (torch.randint(0, V, (B, 1)) + torch.arange(T)) % V
     uniform = torch.full((V,), -math.log(V))
-    untrained = context_gain(model.eval(), batch(), uniform, [gamma])[0]
+    untrained = model.eval().context_gain(batch(), uniform, [gamma])[0]
     assert abs(untrained["gain"]) < 0.1
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -407,38 +378,13 @@ def test_context_gain_detects_learned_context():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    trained = context_gain(model.eval(), batch(), uniform, [gamma])[0]
+    trained = model.eval().context_gain(batch(), uniform, [gamma])[0]
     assert trained["no_context_ce"] > 1.0 and trained["gain"] > 0.5, trained
 
 
-@pytest.mark.parametrize("local_mix", [0, 1, 3])
-def test_gpt_local_mix_is_causal_and_decodes_with_the_cache(local_mix):
-    """The GPT's local mixing is causal: with attention zeroed, position 8 depends on the inputs of itself and its
-    local_mix - 1 predecessors per layer, never on later ones; decoding token by token through the KV cache gives the
-    logits of one full forward pass; at init the mix is zero, so the model computes what the plain GPT does."""
-    depth = 2
-    model = randomize(GPT(GPTConfig(vocab_size=32, depth=depth, max_seq_len=16, local_mix=local_mix))).eval()
+def test_gpt_kv_cache_decodes_as_one_forward_pass():
+    model = randomize(GPT(GPTConfig(vocab_size=32, depth=2, max_seq_len=16))).eval()
     tokens = torch.randint(0, 32, (2, 16))
     caches = [KVCache() for _ in model.blocks]
     steps = [model.logits(tokens[:, :5], 0, caches)] + [model.logits(tokens[:, t:t + 1], t, caches) for t in range(5, 16)]
     assert torch.allclose(torch.cat(steps, dim=1), model.logits(tokens), atol=1e-5)
-
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.c_proj.weight.zero_()
-    h = model.wte(tokens[:1]).detach().requires_grad_(True)
-    x = h
-    for i, block in enumerate(model.blocks):
-        x = block(model.mix_predecessors(x, model.local_mix[i]) if local_mix else x, (model.rope_cos[:, :16], model.rope_sin[:, :16]))
-    x[0, 8].sum().backward()
-    reach = (h.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
-    assert reach == list(range(8 - depth * max(local_mix - 1, 0), 9))
-
-    torch.manual_seed(0)
-    plain = GPT(GPTConfig(vocab_size=32, depth=depth, max_seq_len=16))
-    mixed = GPT(GPTConfig(vocab_size=32, depth=depth, max_seq_len=16, local_mix=3))
-    mixed.load_state_dict(plain.state_dict(), strict=False)
-    assert torch.equal(plain.logits(tokens), mixed.logits(tokens))
-    assert [len(mixed.param_groups()[g]) for g in ("mix", "other")] == [1, 0] and not plain.param_groups()["mix"]
-    with pytest.raises(ValueError):
-        GPTConfig(local_mix=-1)

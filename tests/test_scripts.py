@@ -18,13 +18,14 @@ from tqdm import tqdm
 
 from nanochat.checkpoint import save_model_file
 from nanochat.common import UserError, run_main
-from nanochat.diffusion_roberta import NOISE_SCALE, SCORE_TEMPERATURE, DiffusionConfig, DiffusionRoBERTa
+from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.ngram import NGram
 from nanochat.sample_quality import distinct_n, generative_nll, load_judge, repetition_rate, sample_quality, unigram_entropy
 from nanochat.sampling import build_infill, generate, parse_infill
 from nanochat.tokenizer import Tokenizer
-from scripts import diffusion_demo, diffusion_eval, diffusion_sample, diffusion_train
+from nanochat import train as trainer
+from scripts import diffusion_demo, diffusion_eval, diffusion_sample
 from tests.conftest import make_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def ckpts(tiny_data_dir, tiny_tokenizer, tmp_path_factory):
     _, tok_dir = tiny_tokenizer
     out = tmp_path_factory.mktemp("ckpts")
     for model in ("diffusion", "gpt"):
-        diffusion_train.main(["--model", model, "--depth=1", "--max_seq_len=32", "--device_batch_size=4",
+        trainer.main(["--model", model, "--depth=1", "--max_seq_len=32", "--device_batch_size=4",
                               "--num_iterations=20", "--eval_every=-1", "--eval_tokens=128", "--sample_every=0",
                               "--device_type=cpu", "--data_dir", str(tiny_data_dir), "--tokenizer_dir", str(tok_dir),
                               "--checkpoint_dir", str(out)])
@@ -143,7 +144,7 @@ def test_progress_bar_counts_every_denoising_step(tiny_tokenizer):
     original_update = bar.update
     bar.update = lambda n=1: (seen.append(n), original_update(n))
     known, length, _ = build_infill(tok, "ab[BLANK:3]cd")
-    ids = generate(model, "diffusion", 5, 16, known, num_steps=4, batch_size=2, bar=bar)
+    ids = generate(model, 5, 16, known, batch_size=2, bar=bar, num_steps=4)
     assert ids.shape == (5, 16) and bar.n == 12 and seen.count(1) == 12  # 3 batches x 4 steps, one update per step
     assert all(ids[:, p].eq(t).all() for p, t in known.items())
     assert "predict_x0" not in model.__dict__  # the instance shadow is removed again
@@ -159,7 +160,7 @@ def test_sample_cli_prompt_and_output(ckpts, tiny_tokenizer, tmp_path):
     p = run_cli("scripts.diffusion_sample", "--checkpoint", ckpts["diffusion"], "--num_samples", 3, "--seq_len", 24,
                 "--num_steps", 8, "--batch_size", 2, "--prompt", prompt, "--output", out)
     assert p.returncode == 0, p.stderr
-    assert "denoising" in p.stderr and "16/16" in p.stderr  # the bar: 2 batches x 8 steps
+    assert "sampling" in p.stderr and "16/16" in p.stderr  # the bar: 2 batches x 8 steps
     records = read_jsonl(out)
     assert len(records) == 3
     prefix = [tok.get_bos_token_id()] + tok.encode(prompt)
@@ -167,7 +168,8 @@ def test_sample_cli_prompt_and_output(ckpts, tiny_tokenizer, tmp_path):
         assert r["text"].startswith(prompt) and r["text"] in p.stdout
         assert r["tokens"][:len(prefix)] == prefix and len(r["tokens"]) == 24
         assert (r["prompt"], r["num_steps"], r["sampler"], r["temperature"], r["seed"]) == (prompt, 8, "ddpm", 1.0, 42)
-        assert (r["noise_scale"], r["score_temperature"]) == (NOISE_SCALE, SCORE_TEMPERATURE)  # the sampler's defaults
+        defaults = DiffusionRoBERTa.sampler_defaults
+        assert (r["noise_scale"], r["score_temperature"]) == (defaults["noise_scale"], defaults["score_temperature"])
 
 
 @pytest.mark.parametrize("sampler, clamp", [("ddpm", False), ("ddim", True)])
@@ -195,7 +197,7 @@ def test_block_diffusion_scripts(tiny_data_dir, tiny_tokenizer, tmp_path, capsys
     """A block-diffusion checkpoint from the training script: sampling goes block by block (the bar counts
     blocks x steps), keeps the prompt, refuses infilling; evaluation reports a bound and the context gain."""
     tok, tok_dir = tiny_tokenizer
-    diffusion_train.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--num_iterations=10", "--block_size=4",
+    trainer.main(["--depth=1", "--max_seq_len=32", "--device_batch_size=4", "--num_iterations=10", "--block_size=4",
                           "--eval_every=-1", "--eval_tokens=128", "--sample_every=-1", "--device_type=cpu",
                           "--data_dir", str(tiny_data_dir), "--tokenizer_dir", str(tok_dir), "--checkpoint_dir", str(tmp_path)])
     ckpt = tmp_path / "diffusion_step_000010.pt"
@@ -203,7 +205,7 @@ def test_block_diffusion_scripts(tiny_data_dir, tiny_tokenizer, tmp_path, capsys
     p = run_cli("scripts.diffusion_sample", "--checkpoint", ckpt, "--num_samples", 2, "--seq_len", 16, "--num_steps", 3,
                 "--prompt", "KING:", "--output", out)
     assert p.returncode == 0, p.stderr
-    assert "per block of 4 tokens" in p.stdout and "12/12" in p.stderr  # 4 blocks x 3 steps
+    assert "blocks of 4 tokens left to right" in p.stdout and "12/12" in p.stderr  # 4 blocks x 3 steps
     assert all(r["text"].startswith("KING:") and len(r["tokens"]) == 16 for r in read_jsonl(out))
     p = run_cli("scripts.diffusion_sample", "--checkpoint", ckpt, "--infill", "A[BLANK:2]B")
     assert p.returncode == 1 and "whole-sequence diffusion model" in p.stderr
@@ -239,7 +241,7 @@ def test_eval_diffusion_with_judge(ckpts, tiny_data_dir, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["model_type"] == "diffusion" and r["val"]["tokens"] == 256 and not r["val"]["split_exhausted"]
     assert r["val"]["bpb"] > 0 and r["val"]["bpb_stderr"] > 0 and r["val"]["loss"] > 0
-    assert r["train_throughput"]["tokens_per_s"] > 0 and r["sampling"]["tokens_per_s"] > 0 and r["sampling"]["steps"] == 8
+    assert r["train_throughput"]["tokens_per_s"] > 0 and r["sampling"]["tokens_per_s"] > 0 and r["sampling"]["num_steps"] == 8
     q = r["sample_quality"]
     assert 0 < q["unigram_entropy_nats"] <= math.log(31) and 0 < q["distinct_1"] <= 1 and 0 <= q["repetition_rate_4gram"] <= 1
     assert q["gen_ppl"] == pytest.approx(math.exp(q["gen_nll"])) and len(r["samples"]) == 4
@@ -266,7 +268,7 @@ def test_eval_verbatim_small_split_and_gpt(ckpts, tmp_path, capsys):
     diffusion_eval.main(["--checkpoint", str(ckpts["gpt"]), "--eval_tokens", "512", "--data_dir", str(data),
                          "--num_samples", "2", "--throughput_steps", "0", "--output", str(out)])
     r = json.loads(out.read_text())
-    assert r["model_type"] == "gpt" and r["sampling"]["sampler"] == "autoregressive" and r["train_throughput"] is None
+    assert r["model_type"] == "gpt" and r["sampling"]["how"] == "autoregressive" and r["train_throughput"] is None
     assert r["context_gain"] is None
     assert "validation bpb (exact)" in capsys.readouterr().out
 
@@ -312,15 +314,17 @@ SAMPLE_BAD = [
     ({"--checkpoint": "{bad}/missing.pt"}, "no checkpoint"),
     ({"--checkpoint": "{bad}/notckpt.pt"}, "not a readable checkpoint"),
     ({"--checkpoint": "{bad}/truncated.pt"}, "not a readable checkpoint"),
-    ({"--checkpoint": "{bad}/oldformat.pt"}, "another tool or version"),
+    ({"--checkpoint": "{bad}/oldformat.pt"}, "another version of this code"),
     ({"--checkpoint": "{bad}/newconfig.pt"}, "does not match this version"),
     ({"--seq_len": "33"}, "larger than the model's maximum"),
-    ({"--num_steps": "0"}, "--num_steps must be >= 1"),
-    ({"--temperature": "0"}, "--temperature must be > 0"),
-    ({"--temperature": "-1"}, "--temperature must be > 0"),
-    ({"--sampler": "euler"}, "unknown --sampler"),
-    ({"--noise_scale": "-0.1"}, "--noise_scale must be >= 0"),
-    ({"--score_temperature": "0"}, "--score_temperature must be > 0"),
+    ({"--num_steps": "0"}, "num_steps must be an integer >= 1"),
+    ({"--temperature": "0"}, "temperature must be finite and > 0"),
+    ({"--temperature": "-1"}, "temperature must be finite and > 0"),
+    ({"--temperature": "inf"}, "temperature must be finite and > 0"),
+    ({"--sampler": "euler"}, "sampler must be one of"),
+    ({"--noise_scale": "-0.1"}, "noise_scale must be finite and >= 0"),
+    ({"--noise_scale": "inf"}, "noise_scale must be finite and >= 0"),
+    ({"--score_temperature": "0"}, "score_temperature must be finite and > 0"),
     ({"--prompt": "word " * 40, "--seq_len": "16"}, "longer than --seq_len"),
     ({"--infill": "there is no gap here"}, "no gap"),
     ({"--infill": "x[BLANK:40]y"}, "longer than"),
@@ -342,10 +346,10 @@ def test_sample_bad_input(ckpts, bad_files, capsys, overrides, message):
 
 @pytest.mark.parametrize("extra, message", [
     (["--checkpoint", "{bad}/truncated.pt"], "not a readable checkpoint"),
-    (["--sample_steps", "0"], "--sample_steps must be >= 1"),
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--sampler", "euler"], "unknown --sampler"),
-    (["--score_temperature", "-1"], "--score_temperature must be > 0"),
+    (["--sample_steps", "0"], "num_steps must be an integer >= 1"),
+    (["--temperature", "0"], "temperature must be finite and > 0"),
+    (["--sampler", "euler"], "sampler must be one of"),
+    (["--score_temperature", "-1"], "score_temperature must be finite and > 0"),
     (["--sample_len", "64"], "larger than the model's maximum"),
     (["--judge", "{bad}/missing.pt"], "no checkpoint"),
     (["--judge", "{diffusion}"], "needs a gpt checkpoint"),
@@ -364,8 +368,10 @@ def test_eval_bad_input(ckpts, bad_files, capsys, extra, message):
 
 @pytest.mark.parametrize("module, args, message", [
     ("scripts.diffusion_sample", ["--checkpoint", "{bad}/truncated.pt"], "not a readable checkpoint"),
-    ("scripts.diffusion_sample", ["--checkpoint", "{diffusion}", "--sampler", "euler"], "unknown --sampler"),
-    ("scripts.diffusion_eval", ["--checkpoint", "{bad}/oldformat.pt"], "another tool or version"),
+    ("scripts.diffusion_sample", ["--checkpoint", "{diffusion}", "--sampler", "euler"], "sampler must be one of"),
+    ("scripts.diffusion_sample", ["--checkpoint", "{gpt}", "--noise_scale", "0.5"], "has no sampler option noise_scale"),
+    ("scripts.diffusion_eval", ["--checkpoint", "{gpt}", "--bound_samples", "4"], "has no likelihood bound"),
+    ("scripts.diffusion_eval", ["--checkpoint", "{bad}/oldformat.pt"], "another version of this code"),
     ("scripts.diffusion_demo", ["--checkpoint", "{gpt}"], "needs a diffusion checkpoint"),
 ])
 def test_cli_bad_input(ckpts, bad_files, tmp_path, module, args, message):

@@ -1,6 +1,7 @@
 """The training script: flags, batch arithmetic, DDP = gradient accumulation, checkpoints and resume, failures
 (non-finite loss, Ctrl-C, missing data / tokenizer), wandb offline, and an end-to-end run that learns.
-Runs in-process (scripts.diffusion_train.main) where it can, in a subprocess where the process itself matters."""
+Runs in-process (nanochat.train.main, the loop behind scripts.diffusion_train) where it can, in a subprocess where
+the process itself matters."""
 import contextlib
 import glob
 import io
@@ -19,11 +20,12 @@ import torch
 from nanochat.checkpoint import find_latest, load_model, state_path
 from nanochat.common import UserError
 from nanochat.diffusion_roberta import DiffusionRoBERTa
-from scripts import diffusion_train
+from nanochat import train as trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device_type", "cpu", "--depth", "1", "--max_seq_len", "16", "--device_batch_size", "2",
-        "--eval_every", "-1", "--sample_every", "0", "--eval_tokens", "64", "--bound_samples", "2"]
+        "--eval_every", "-1", "--sample_every", "0", "--eval_tokens", "64"]
+DIFFUSION = ["--bound_samples", "2"]  # a diffusion flag: a cheap bound
 LOG_LINE = re.compile(r"^step (\d{5})/(\d+) \| loss (\S+) \(smooth (\S+)\) \| lrm (\d+\.\d\d) \| dt (\d+)ms \| "
                       r"tok/s ([\d,]+) \| mfu (\d+\.\d\d)% \| eta (\d+h)?\d+m\d\ds$", re.M)
 
@@ -37,7 +39,7 @@ def train(*flags):
     """Run the training script in this process; its stdout as text."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        diffusion_train.main([*TINY, *map(str, flags)])
+        trainer.main([*TINY, *([] if "gpt" in flags else DIFFUSION), *map(str, flags)])
     return out.getvalue()
 
 
@@ -46,7 +48,7 @@ def script_env(tmp_path, **extra):
 
 
 def run_script(tmp_path, *flags, timeout=120, **env):
-    return subprocess.run([sys.executable, "-m", "scripts.diffusion_train", *TINY, *map(str, flags)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "scripts.diffusion_train", *TINY, *DIFFUSION, *map(str, flags)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=script_env(tmp_path, **env))
 
 
@@ -79,17 +81,24 @@ def test_seed_command_lines_and_flags_parse():
     for argv in (["--depth=4", "--device_batch_size=1", "--num_iterations=100"],  # seed.md's CPU command
                  ["--num_iterations", "5000", "--depth", "12"], [],
                  ["--depth=12", "--num_iterations=10000", "--max_seq_len=512", "--total_batch_size=524288"]):
-        diffusion_train.check_args(diffusion_train.get_args(argv))
-    args = diffusion_train.get_args([
+        trainer.check_args(trainer.get_args(argv))
+    args = trainer.get_args([
         "--num_iterations", "7", "--depth", "2", "--device_batch_size", "3", "--max_seq_len", "32",
-        "--total_batch_size", "192", "--data_dir", "d", "--objective", "x0", "--schedule", "sqrt", "--embed_dim", "16",
-        "--eval_every", "5", "--eval_tokens", "99", "--sample_every", "-1", "--save_every", "4", "--checkpoint_dir", "c",
-        "--resume", "--run", "r", "--device_type", "cpu", "--compile", "--seed", "3", "--model", "gpt"])
+        "--total_batch_size", "192", "--data_dir", "d", "--objective", "eps", "--schedule", "sqrt", "--embed_dim", "16",
+        "--self_cond", "0", "--eval_every", "5", "--eval_tokens", "99", "--sample_every", "-1", "--save_every", "4",
+        "--checkpoint_dir", "c", "--resume", "--run", "r", "--device_type", "cpu", "--compile", "--seed", "3"])
     assert (args.num_iterations, args.depth, args.device_batch_size, args.max_seq_len, args.total_batch_size) == (7, 2, 3, 32, 192)
-    assert (args.objective, args.schedule, args.embed_dim, args.eval_every, args.eval_tokens) == ("x0", "sqrt", 16, 5, 99)
+    assert (args.objective, args.schedule, args.embed_dim, args.eval_every, args.eval_tokens) == ("eps", "sqrt", 16, 5, 99)
     assert (args.sample_every, args.save_every, args.checkpoint_dir, args.resume, args.run) == (-1, 4, "c", True, "r")
-    assert (args.device_type, args.compile, args.seed, args.model, args.data_dir) == ("cpu", True, 3, "gpt", "d")
-    assert diffusion_train.get_args([]).checkpoint_dir == "checkpoints"
+    assert (args.device_type, args.compile, args.seed, args.model, args.data_dir, args.self_cond) == ("cpu", True, 3, "diffusion", "d", False)
+    assert trainer.get_args([]).checkpoint_dir == "checkpoints"
+    # each model has its own flags and learning rates; another model's flag is one clear error
+    gpt = trainer.get_args(["--model", "gpt", "--depth", "3"])
+    assert (gpt.depth, gpt.matrix_lr, gpt.head_lr, hasattr(gpt, "embed_dim")) == (3, 0.02, 0.004, False)
+    with pytest.raises(SystemExit):
+        trainer.get_args(["--model", "gpt", "--embed_dim", "16"])
+    with pytest.raises(UserError, match="objective must be one of"):
+        trainer.check_args(trainer.get_args(["--objective", "x0"]))
 
 
 def test_indivisible_batch_is_one_clear_error(tmp_path):
@@ -101,18 +110,17 @@ def test_indivisible_batch_is_one_clear_error(tmp_path):
 
 
 def test_noise_seed_is_stable():
-    assert diffusion_train.noise_seed(42, 3, 1) == diffusion_train.noise_seed(42, 3, 1)
-    assert len({diffusion_train.noise_seed(42, s, k) for s in range(10) for k in range(4)}) == 40
-    assert diffusion_train.noise_seed(0, 0, 0) == 177716309065226  # fixed across processes and Python versions
+    assert trainer.noise_seed(42, 3, 1) == trainer.noise_seed(42, 3, 1)
+    assert len({trainer.noise_seed(42, s, k) for s in range(10) for k in range(4)}) == 40
+    assert trainer.noise_seed(0, 0, 0) == 177716309065226  # fixed across processes and Python versions
 
 
 # --- DDP -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [[], ["--time_warp", 1]], ids=["default", "time_warp"])
-def test_ddp_two_gloo_ranks_match_gradient_accumulation(extra, data, tmp_path):
-    steps = ["--num_iterations", 4, "--save_every", -1, *extra]  # with the warp, its learned curve must match too
+def test_ddp_two_gloo_ranks_match_gradient_accumulation(data, tmp_path):
+    steps = ["--num_iterations", 4, "--save_every", -1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "scripts.diffusion_train", *TINY, *data, *map(str, steps), "--checkpoint_dir", str(tmp_path / "ddp")],
+                        "-m", "scripts.diffusion_train", *TINY, *DIFFUSION, *data, *map(str, steps), "--checkpoint_dir", str(tmp_path / "ddp")],
                        cwd=REPO, capture_output=True, text=True, timeout=240, env=script_env(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "world size 2" in r.stdout and "x 2 ranks x 1 accumulation steps" in r.stdout
@@ -194,7 +202,7 @@ def test_resume_with_another_config_or_nothing_is_a_clear_error(reference, data,
         train(*data, "--num_iterations", 6, "--checkpoint_dir", tmp_path / "empty", "--resume")
     state_file = state_path(str(tmp_path / "diffusion_step_000006.pt"), 0)
     state = torch.load(state_file, weights_only=True)
-    state["optimizers"][0]["param_groups"].pop()  # as written before local mixing had a group of its own
+    state["optimizers"][0]["param_groups"].pop()  # parameter groups of another model
     torch.save(state, state_file)
     with pytest.raises(UserError, match="does not fit this version's parameter groups"):
         train(*data, "--num_iterations", 6, "--checkpoint_dir", tmp_path, "--resume")
@@ -234,7 +242,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(what, d
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
-    cmd = [sys.executable, "-m", "scripts.diffusion_train", *TINY, *data, "--num_iterations", "100000",
+    cmd = [sys.executable, "-m", "scripts.diffusion_train", *TINY, *DIFFUSION, *data, "--num_iterations", "100000",
            "--save_every", "-1", "--checkpoint_dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(tmp_path))
     try:
@@ -290,10 +298,7 @@ def test_gpt_baseline_trains_with_the_same_loop(data, tmp_path):
     assert ckpt["model_type"] == "gpt" and ckpt["step"] == 3
     assert (tmp_path / "report_gpt.md").is_file() and (tmp_path / "gpt_curves.png").is_file()
     assert find_latest(str(tmp_path), "diffusion", 1) is None
-    assert ckpt["config"]["local_mix"] == 0  # the GPT's own defaults, not the diffusion model's
-    assert (ckpt["meta"]["args"]["matrix_lr"], ckpt["meta"]["args"]["head_lr"]) == (0.02, 0.004)
-    train(*data, "--model", "gpt", "--local_mix", 3, "--num_iterations", 2, "--checkpoint_dir", tmp_path / "mix")
-    assert load(tmp_path / "mix" / "gpt_step_000002.pt")["config"]["local_mix"] == 3
+    assert (ckpt["meta"]["args"]["matrix_lr"], ckpt["meta"]["args"]["head_lr"]) == (0.02, 0.004)  # the GPT's own defaults
 
 
 def test_end_to_end_validation_bpb_falls(data, tmp_path):
