@@ -216,15 +216,21 @@ def test_docs_describe_no_deleted_option(doc):
 
 
 def repo_files(*suffixes):
-    """The repository's files (tracked or not yet, but not ignored) with these suffixes."""
+    """The project's files (tracked or not yet, but not ignored) with these suffixes; hidden folders, virtual
+    environments and installed packages left out."""
     try:
         out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout.split("\n")
         paths = [REPO / p for p in out if p]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout
-        paths = [p for p in REPO.rglob("*") if not any(part.startswith(".") or part.endswith(".egg-info")
-                                                       for part in p.relative_to(REPO).parts)]
-    return [p for p in paths if p.suffix in suffixes and p.is_file()]
+        paths = list(REPO.rglob("*"))
+
+    def ours(p):
+        parts = p.relative_to(REPO).parts
+        return not any(part.startswith(".") or part.endswith(".egg-info") or part in ("venv", "env", "site-packages")
+                       for part in parts[:-1])
+
+    return [p for p in paths if p.suffix in suffixes and ours(p) and p.is_file()]
 
 
 # written so that this file does not match itself
