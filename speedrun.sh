@@ -23,8 +23,7 @@
 #   evaluation + samples on one GPU ~5-10 min
 #   total ~1.5 hours, ~$35-40. Disk: ~47 GB of checkpoints (computed from the parameter counts: weights plus
 #   every rank's optimizer state, at steps 4000 and 8000, and the GPT's last step).
-# Measured CPU mode (--cpu, defaults below): 142 to 153 s in three runs on 2 shared CPU cores (stage times in
-# DIFFUSION_README.md).
+# Measured CPU mode (--cpu, defaults below): 281 to 300 s on 2 CPU cores (stage times in dev/LOG.md).
 #
 # Overrides (environment): NPROC, RUN_DIR, DATA_DIR, WANDB_RUN (default dummy = no wandb), SPEEDRUN_DEPTH,
 # SPEEDRUN_ITERS (diffusion steps; the GPT's follow from equal FLOPs), SPEEDRUN_SEQ_LEN, SPEEDRUN_BATCH (per

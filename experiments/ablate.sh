@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Ablations on tinyshakespeare at a fixed number of steps (equal training steps and batch for every row).
 # Usage: bash experiments/ablate.sh NAME [extra diffusion_train flags...]
-# Prints one line "NAME | val bpb (bound) | flags". Every row of the tables in DIFFUSION_README.md is one such call.
-# Environment: DATA (shards dir), TOK (tokenizer dir; the tables used vocab 4096 and 8192), OUT (checkpoints), STEPS (default 200).
+# Prints one line "NAME | val bpb (bound) | flags". Every ablation row in dev/LOG.md is one such call.
+# Environment: DATA (shards dir), TOK (tokenizer dir; the rows used vocab 4096 and 8192), OUT (checkpoints), STEPS (default 200).
 set -euo pipefail
 name=$1; shift
 DATA=${DATA:-../shared/data/tinyshakespeare/shards}

@@ -1,10 +1,12 @@
 """Every command in the ```bash blocks of README.md and DIFFUSION_README.md runs as written: each
 `python -m scripts.X` / `python -m nanochat.X` (or torchrun ... -m) names an existing module and passes only flags
 that its argparse parser accepts (parsed with the script's own parser, shell variables as placeholders); the cheap
-ones (--help, the demo) are run. Also: the README's test command is the one .ci/run runs, and DIFFUSION_README.md
-has the sections it promises."""
+ones (--help, the demo) are run. Also: the README's test command is the one .ci/run runs, DIFFUSION_README.md has
+the sections it promises and stays short (the run history lives in dev/LOG.md, dated entries newest first), and no
+doc or source file outside the log speaks of task-tracker items."""
 import argparse
 import contextlib
+import datetime
 import importlib
 import io
 import os
@@ -170,16 +172,102 @@ def test_readme_quick_start_matches_ci_and_files():
                 assert (REPO / cmd[1]).is_file(), f"{doc}: {' '.join(cmd)}"
 
 
+README_SECTIONS = {
+    "##": ("What diffusion language models are", "Diffusion vs autoregressive GPT", "Method and architecture", "Usage",
+           "Measured results", "Training tips", "Experiments to try", "Troubleshooting", "References"),
+    "###": ("Transformer", "Embeddings", "Noise schedule", "Objectives", "Posterior skip", "Self-conditioning",
+            "Conditional training", "Block diffusion", "Local mixing", "Samplers", "The likelihood bound",
+            "Training loop", "The whole pipeline: speedrun.sh", "Data: nanochat.dataset", "Tokenizer: tok_train",
+            "Training: diffusion_train", "Sampling: diffusion_sample", "Evaluation: diffusion_eval",
+            "A tour: diffusion_demo", "Diffusion vs GPT at equal compute: compare", "Throughput: bench",
+            "Ablations: experiments/ablate.sh"),
+}
+DELETED_OPTIONS = ("--posterior_input", "--token_noise_rate", "--time_warp", "--time_cond", "--posterior_skip",
+                   "--objective x0")
+
+
+def section(text, title):
+    return re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M).group(1)
+
+
 def test_diffusion_readme_sections():
     text = (REPO / "DIFFUSION_README.md").read_text(encoding="utf-8")
-    headings = re.findall(r"^#{1,3} (.+)$", text, re.M)
-    for needed in ("What diffusion language models are", "Diffusion vs autoregressive GPT", "Architecture", "Usage",
-                   "Training tips", "Experiments to try", "Troubleshooting", "References",
-                   "Measured comparison with the GPT", "Ablations"):
-        assert any(h.startswith(needed) for h in headings), needed
-    for section in ("Measured comparison with the GPT", "Ablations"):
-        body = re.search(rf"^## {section}\n(.*?)(?=^## |\Z)", text, re.S | re.M).group(1)
-        assert "\n|---" in body and "ablate.sh" in body + text, f"{section}: a table of measured numbers"
+    for level, titles in README_SECTIONS.items():
+        headings = re.findall(rf"^{level} (.+)$", text, re.M)
+        for needed in titles:
+            assert any(h.startswith(needed) for h in headings), f"{level} {needed}"
+    order = [re.search(rf"^## {t}", text, re.M).start() for t in README_SECTIONS["##"]]
+    assert order == sorted(order), "DIFFUSION_README's sections are out of order"
+    measured = section(text, "Measured results")
+    assert measured.count("\n|---") == 1, "Measured results: one table of the current figures"
+    assert "python -m scripts.compare" in measured, "Measured results: the command that makes the table"
+    assert "](dev/LOG.md)" in measured, "Measured results: a pointer to the history"
+
+
+def test_diffusion_readme_is_short():
+    size = (REPO / "DIFFUSION_README.md").stat().st_size
+    assert size <= 25_600, f"DIFFUSION_README.md is {size} bytes: move history to dev/LOG.md"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_docs_describe_no_deleted_option(doc):
+    text = (REPO / doc).read_text(encoding="utf-8")
+    assert not [o for o in DELETED_OPTIONS if o in text], "deleted options belong in dev/LOG.md only"
+
+
+def repo_files(*suffixes):
+    """The project's files (tracked or not yet, but not ignored) with these suffixes; hidden folders, virtual
+    environments and installed packages left out."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+        paths = [REPO / p for p in out if p]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        paths = list(REPO.rglob("*"))
+
+    def ours(p):
+        parts = p.relative_to(REPO).parts
+        return not any(part.startswith(".") or part.endswith(".egg-info") or part in ("venv", "env", "site-packages")
+                       for part in parts[:-1])
+
+    return [p for p in paths if p.suffix in suffixes and ours(p) and p.is_file()]
+
+
+# written so that this file does not match itself
+TRACKER_TALK = re.compile(r"\bissu[e] [0-9]+|the issu[e]'s|\bthe issu[e]\b", re.I)
+
+
+def test_no_tracker_talk_outside_the_log():
+    files = [p for p in repo_files(".md", ".py") if p != REPO / "dev" / "LOG.md"]
+    assert REPO / "DIFFUSION_README.md" in files and Path(__file__).resolve() in files
+    hits = [f"{p.relative_to(REPO)}: {m.group(0)!r}" for p in files
+            for m in TRACKER_TALK.finditer(p.read_text(encoding="utf-8", errors="replace"))]
+    assert not hits, hits
+
+
+def test_lab_log_entries_are_dated_newest_first():
+    log = REPO / "dev" / "LOG.md"
+    assert log.is_file(), "dev/LOG.md, the lab log, is missing"
+    text = re.sub(r"^```.*?^```", "", log.read_text(encoding="utf-8"), flags=re.S | re.M)  # headings outside code
+    headings = re.findall(r"^## (.*)$", text, re.M)
+    assert headings, "dev/LOG.md has no entries"
+    dates = []
+    for h in headings:
+        m = re.match(r"(\d{4})-(\d{2})-(\d{2})\b", h)
+        assert m, f"dev/LOG.md: entry heading without an ISO date first: {h!r}"
+        dates.append(datetime.date(*map(int, m.groups())))  # also rejects impossible dates
+    assert dates == sorted(dates, reverse=True), "dev/LOG.md: entries must run newest first"
+
+
+def test_every_figure_is_referenced_and_log_links_exist():
+    """Each figure in docs/ is shown by DIFFUSION_README (the current results) or by the log (history)."""
+    log = REPO / "dev" / "LOG.md"
+    log_targets = [t for t in re.findall(r"\]\(([^)#\s]+)\)", log.read_text(encoding="utf-8")) if "://" not in t]
+    assert all((log.parent / t).exists() for t in log_targets), [t for t in log_targets if not (log.parent / t).exists()]
+    shown = {(log.parent / t).resolve() for t in log_targets}
+    shown |= {(REPO / t).resolve() for t in re.findall(r"\]\(([^)#\s]+)\)", (REPO / "DIFFUSION_README.md").read_text(encoding="utf-8"))}
+    figures = sorted((REPO / "docs").glob("*.png"))
+    assert figures and not [f.name for f in figures if f.resolve() not in shown]
 
 
 @pytest.mark.parametrize("doc", DOCS)
