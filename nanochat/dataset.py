@@ -173,13 +173,14 @@ def _read_docs(path, doc_chars):
             if doc:
                 docs.append(doc)
     elif path.endswith(".txt"):
-        # group blank-line-separated paragraphs into documents of ~doc_chars
+        # group blank-line-separated paragraphs (blank lines stripped) into documents of at least doc_chars
         docs, cur, size = [], [], 0
         for para in re.split(r"\n[ \t\r]*\n", text):
             if not para.strip():
                 continue
+            para = para.strip("\r\n")
+            size += len(para) + (2 if cur else 0)  # the document's length: paragraphs joined by "\n\n"
             cur.append(para)
-            size += len(para)
             if size >= doc_chars:
                 docs.append("\n\n".join(cur))
                 cur, size = [], 0
@@ -203,7 +204,7 @@ def from_text(files, out_dir, docs_per_shard=10_000, val_fraction=0.1, doc_chars
     os.makedirs(out_dir, exist_ok=True)
     if any(f.endswith(".parquet") for f in os.listdir(out_dir)):
         raise UserError(f"{out_dir} already contains parquet files; pass an empty --out directory")
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+    n_val = min(len(docs) - 1, max(1, int(len(docs) * val_fraction)))
     train, val = docs[:-n_val], docs[-n_val:]
     shards = [train[i:i + docs_per_shard] for i in range(0, len(train), docs_per_shard)] + [val]
     paths = []
