@@ -23,7 +23,9 @@
 #   evaluation + samples on one GPU ~5-10 min
 #   total ~1.5 hours, ~$35-40. Disk: ~47 GB of checkpoints (computed from the parameter counts: weights plus
 #   every rank's optimizer state, at steps 4000 and 8000, and the GPT's last step).
-# Measured CPU mode (--cpu, defaults below): 281 to 300 s on 2 CPU cores (stage times in dev/LOG.md).
+# CPU mode (--cpu, defaults below): a few minutes on 2 CPU cores; stage times go to times.txt. Its data: DATA_DIR,
+# else ../shared/data/tinyshakespeare/shards, else TinyShakespeare fetched once into
+# $NANOCHAT_BASE_DIR/tinyshakespeare/shards (python -m nanochat.dataset --tinyshakespeare).
 #
 # Overrides (environment): NPROC, RUN_DIR, DATA_DIR, WANDB_RUN (default dummy = no wandb), SPEEDRUN_DEPTH,
 # SPEEDRUN_ITERS (diffusion steps; the GPT's follow from equal FLOPs), SPEEDRUN_SEQ_LEN, SPEEDRUN_BATCH (per
@@ -47,7 +49,6 @@ WANDB_RUN=${WANDB_RUN:-dummy}
 
 if [ "$CPU" = 1 ]; then
     RUN_DIR=${RUN_DIR:-$NANOCHAT_BASE_DIR/speedrun_cpu}
-    DATA_DIR=${DATA_DIR:-../shared/data/tinyshakespeare/shards}
     VOCAB=${SPEEDRUN_VOCAB:-8192}
     DEPTH=${SPEEDRUN_DEPTH:-2}
     ITERS=${SPEEDRUN_ITERS:-200}
@@ -60,10 +61,17 @@ if [ "$CPU" = 1 ]; then
     SAMPLE_STEPS=${SPEEDRUN_SAMPLE_STEPS:-64}
     DEVICE=(--device_type cpu)
     TOK_FLAGS=(--tiktoken "")  # offline: no tiktoken encodings to compare with
-    if [ ! -d "$DATA_DIR" ]; then
-        echo "speedrun.sh --cpu: no data at $DATA_DIR; place this clone beside ../shared (which holds" \
-             "data/tinyshakespeare/shards), or set DATA_DIR to a folder of parquet shards" >&2
-        exit 1
+    if [ -n "${DATA_DIR:-}" ]; then
+        if [ ! -d "$DATA_DIR" ]; then
+            echo "speedrun.sh --cpu: no data at DATA_DIR=$DATA_DIR; set DATA_DIR to a folder of parquet shards, or" \
+                 "unset it to use ../shared/data/tinyshakespeare/shards (or else fetch TinyShakespeare)" >&2
+            exit 1
+        fi
+    elif [ -d ../shared/data/tinyshakespeare/shards ]; then
+        DATA_DIR=../shared/data/tinyshakespeare/shards
+    else
+        DATA_DIR=$NANOCHAT_BASE_DIR/tinyshakespeare/shards
+        [ -d "$DATA_DIR" ] || python -m nanochat.dataset --tinyshakespeare --out "$(dirname "$DATA_DIR")"
     fi
 else
     RUN_DIR=${RUN_DIR:-$NANOCHAT_BASE_DIR/speedrun}

@@ -4,12 +4,15 @@ The last shard (sorted by name) is the validation split, all others are train.
 
     python -m nanochat.dataset -n 8                         # download 8 train shards + the val shard
     python -m nanochat.dataset --from_text a.txt b.jsonl --out DIR   # build shards from your own text
+    python -m nanochat.dataset --tinyshakespeare            # TinyShakespeare into $NANOCHAT_BASE_DIR/tinyshakespeare/shards
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -101,8 +104,19 @@ def text_iterator(data_dir, max_chars, doc_cap):
             if nchars >= max_chars:
                 return
 
-def _download_one(url, path, retries, backoff):
-    """Returns None on success, else an error string. Never leaves a partial file at path or path.tmp."""
+
+def _check_parquet(path, n):
+    with open(path, "rb") as f:  # parquet files start and end with b"PAR1"
+        head = f.read(4)
+        f.seek(max(0, n - 4))
+        tail = f.read(4)
+    if n < 8 or head != b"PAR1" or tail != b"PAR1":
+        raise OSError("downloaded file is not parquet")
+
+
+def _download_one(url, path, retries, backoff, check=_check_parquet, desc=None):
+    """Returns None on success, else an error string. Never leaves a partial file at path or path.tmp.
+    check(tmp_path, num_bytes) raises OSError on bad content; desc names a progress bar of the bytes (None: no bar)."""
     if os.path.exists(path):
         return None
     tmp = path + ".tmp"
@@ -112,17 +126,15 @@ def _download_one(url, path, retries, backoff):
             with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
                 expected = r.headers.get("Content-Length")
                 n = 0
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    n += len(chunk)
+                with tqdm(total=int(expected) if expected else None, desc=desc, disable=desc is None,
+                          unit="B", unit_scale=True) as bar:
+                    while chunk := r.read(1 << 16):
+                        f.write(chunk)
+                        n += len(chunk)
+                        bar.update(len(chunk))
             if expected is not None and n != int(expected):
                 raise OSError(f"truncated: got {n} of {expected} bytes")
-            with open(tmp, "rb") as f:  # parquet files start and end with b"PAR1"
-                head = f.read(4)
-                f.seek(max(0, n - 4))
-                tail = f.read(4)
-            if n < 8 or head != b"PAR1" or tail != b"PAR1":
-                raise OSError("downloaded file is not parquet")
+            check(tmp, n)
             os.replace(tmp, path)
             return None
         except Exception as e:
@@ -185,13 +197,14 @@ def _read_docs(path, doc_chars):
             if doc:
                 docs.append(doc)
     elif path.endswith(".txt"):
-        # group blank-line-separated paragraphs into documents of ~doc_chars
+        # group blank-line-separated paragraphs (blank lines stripped) into documents of at least doc_chars
         docs, cur, size = [], [], 0
         for para in re.split(r"\n[ \t\r]*\n", text):
             if not para.strip():
                 continue
+            para = para.strip("\r\n")
+            size += len(para) + (2 if cur else 0)  # the document's length: paragraphs joined by "\n\n"
             cur.append(para)
-            size += len(para)
             if size >= doc_chars:
                 docs.append("\n\n".join(cur))
                 cur, size = [], 0
@@ -215,7 +228,7 @@ def from_text(files, out_dir, docs_per_shard=10_000, val_fraction=0.1, doc_chars
     os.makedirs(out_dir, exist_ok=True)
     if any(f.endswith(".parquet") for f in os.listdir(out_dir)):
         raise UserError(f"{out_dir} already contains parquet files; pass an empty --out directory")
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+    n_val = min(len(docs) - 1, max(1, int(len(docs) * val_fraction)))
     train, val = docs[:-n_val], docs[-n_val:]
     shards = [train[i:i + docs_per_shard] for i in range(0, len(train), docs_per_shard)] + [val]
     paths = []
@@ -228,13 +241,60 @@ def from_text(files, out_dir, docs_per_shard=10_000, val_fraction=0.1, doc_chars
     return paths
 
 
+# -----------------------------------------------------------------------------
+# TinyShakespeare: the small corpus of speedrun.sh --cpu, for clones without ../shared
+
+
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_BYTES = 1115394
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+OFFLINE_HINT = ("offline, provide a folder of parquet shards (e.g. ../shared/data/tinyshakespeare/shards beside this "
+                "clone): DATA_DIR=/path/to/shards bash speedrun.sh --cpu, or build one from your own text: "
+                "python -m nanochat.dataset --from_text FILE... --out DIR")
+
+
+def _check_file(path, n, size, sha256):
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if n != size or digest != sha256:
+        raise OSError(f"not the expected file: got {n} bytes with SHA-256 {digest[:16]}..., "
+                      f"expected {size} bytes with SHA-256 {sha256[:16]}...")
+
+
+def tinyshakespeare(out_dir=None, url=None, size=TINYSHAKESPEARE_BYTES, sha256=TINYSHAKESPEARE_SHA256, retries=3,
+                    backoff=1.0):
+    """Download TinyShakespeare to out_dir/input.txt (default $NANOCHAT_BASE_DIR/tinyshakespeare) and build
+    out_dir/shards from it, the layout of ../shared/data/tinyshakespeare/shards (498 documents of >= 2000 characters,
+    150 per shard in row groups of 64, the last 49 are val). Reuses both when present. Returns the shards folder."""
+    out_dir = str(out_dir or os.path.join(get_base_dir(), "tinyshakespeare"))
+    url = url or os.environ.get("TINYSHAKESPEARE_URL") or TINYSHAKESPEARE_URL
+    shards = os.path.join(out_dir, "shards")
+    if os.path.isdir(shards):
+        return shards
+    os.makedirs(out_dir, exist_ok=True)
+    text = os.path.join(out_dir, "input.txt")
+    if not os.path.exists(text):
+        print(f"downloading TinyShakespeare from {url} to {text}")
+    check = lambda path, n: _check_file(path, n, size, sha256)
+    err = _download_one(url, text, retries, backoff, check=check, desc="input.txt")
+    if err:
+        raise UserError(f"could not download TinyShakespeare from {url} ({err}); nothing was saved; {OFFLINE_HINT}")
+    tmp = shards + ".tmp"  # built aside, then renamed: an interrupted build leaves no partial shards folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    from_text([text], tmp, docs_per_shard=150, row_group_size=64)
+    os.replace(tmp, shards)
+    return shards
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Download pretraining shards, or build shards from text files")
+    parser = argparse.ArgumentParser(description="Download pretraining shards or TinyShakespeare, or build shards from text files")
     parser.add_argument("-n", "--num_shards", type=int, default=None, help="number of train shards to download (-1 = all)")
     parser.add_argument("--data_dir", type=str, default=None, help="where to put the shards (default: $NANOCHAT_BASE_DIR/base_data)")
     parser.add_argument("--workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--from_text", type=str, nargs="+", default=None, help=".txt/.jsonl files to turn into shards")
-    parser.add_argument("--out", type=str, default=None, help="output directory for --from_text")
+    parser.add_argument("--tinyshakespeare", action="store_true", help="download TinyShakespeare and build its shards")
+    parser.add_argument("--out", type=str, default=None,
+                        help="output directory for --from_text, or for --tinyshakespeare (default: $NANOCHAT_BASE_DIR/tinyshakespeare)")
     parser.add_argument("--docs_per_shard", type=int, default=10_000)
     parser.add_argument("--val_fraction", type=float, default=0.1)
     args = parser.parse_args()
@@ -242,10 +302,12 @@ def main():
         if not args.out:
             raise UserError("--from_text needs --out DIR")
         from_text(args.from_text, args.out, docs_per_shard=args.docs_per_shard, val_fraction=args.val_fraction)
+    elif args.tinyshakespeare:
+        print(f"TinyShakespeare shards in {tinyshakespeare(args.out)}")
     elif args.num_shards is not None:
         download(args.num_shards, args.data_dir, workers=args.workers)
     else:
-        raise UserError("nothing to do: pass -n N to download, or --from_text FILE... --out DIR")
+        raise UserError("nothing to do: pass -n N to download, --tinyshakespeare, or --from_text FILE... --out DIR")
 
 
 if __name__ == "__main__":
