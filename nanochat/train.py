@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -81,14 +82,12 @@ def get_args(argv=None, description=__doc__):
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, default=42)
-    args, unknown = p.parse_known_args(argv)
-    for flag in unknown:  # a flag of another model: say whose it is
-        owners = [m for m, (c, _) in MODEL_TYPES.items() if flag.split("=")[0][2:] in {f.name for f in fields(c)}]
-        if flag.startswith("--") and owners:
-            p.error(f"{flag.split('=')[0]} is a flag of the {' / '.join(owners)} model, not of --model {model}")
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
+    own = {f.name for f in fields(config_cls)}
+    for flag in (a.split("=")[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")):
+        owners = [m for m, (c, _) in MODEL_TYPES.items() if flag not in own and flag in {f.name for f in fields(c)}]
+        if owners:  # a flag of another model: say whose it is
+            p.error(f"--{flag} is a flag of the {' / '.join(owners)} model, not of --model {model}")
+    return p.parse_args(argv)
 
 
 def check_args(args):
