@@ -107,7 +107,7 @@ def sample_throughput(model, args, options, sample_len, bos, device, autocast):
     """(generated token ids (num_samples, sample_len), generated tokens/s excluding the BOS prompt)."""
     g = torch.Generator(device=device).manual_seed(args.seed)
     with autocast:
-        generate(model, 1, min(sample_len, 4), {0: bos}, args.temperature, generator=g, **options)  # warm-up
+        generate(model, 1, min(sample_len, 4), {0: bos}, args.temperature, **options)  # warm-up, not from g
         sync(device)
         t0 = time.perf_counter()
         ids = generate(model, args.num_samples, sample_len, {0: bos}, args.temperature, args.batch_size, g, **options)
