@@ -16,12 +16,13 @@ sigma_t^2 = sigmoid(gamma_t), where x is the (unit-norm, sqrt(embed_dim)-scaled)
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.transformer import Block, LanguageModel, TransformerConfig, init_transformer_weights, knob, norm, rotary_cos_sin
+from nanochat.transformer import Block, LanguageModel, TransformerConfig, knob, norm
 
 OBJECTIVES = ("logits", "eps")
 SCHEDULES = ("cosine", "linear", "sqrt")
@@ -94,7 +95,8 @@ class NoiseSchedule:
         return torch.log1p(-ab) - torch.log(ab)
 
     def _solve(self, target):
-        lo, hi = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+        # on the CPU whatever the default device (a model built on the meta device needs real numbers here)
+        lo, hi = torch.zeros((), dtype=torch.float64, device="cpu"), torch.ones((), dtype=torch.float64, device="cpu")
         for _ in range(100):  # gamma is increasing in t: bisection
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self._raw_gamma(mid) < target else (lo, mid)
@@ -114,16 +116,28 @@ class NoiseSchedule:
         return g.detach(), slope
 
 
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
 def alpha_sigma(gamma):
     """(alpha, sigma) from gamma = -log SNR, computed in float64."""
     gamma = gamma.double()
     return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
-def per_row(v, like):
-    """A float64 schedule quantity per row (B,) (kept on the CPU: MPS has no float64) as a float32 (B, 1, 1)
-    tensor on like's device, ready to broadcast over (B, T, e)."""
-    return v.float().to(like.device)[:, None, None]
+class NoiseLevel(NamedTuple):
+    """What the network and the losses need of the noise levels gamma (B,): float32 on the model's device, (B, 1, 1)
+    to broadcast over (B, T, e), except time (B,)."""
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    evidence_scale: torch.Tensor  # alpha / sigma^2: log p(w | z_t) = evidence_scale * z . e_w + const
+    elbo_weight: torch.Tensor  # gamma'(t) exp(-gamma) / 2: the bound's weight on ||x - x0_hat||^2 (0 if no slope)
+    time: torch.Tensor  # gamma mapped to [0, 1000] for the sinusoidal time features
+
+    def at(self, i):
+        """Level i of a table of levels, shaped for a batch of any size."""
+        return NoiseLevel(*(v[i:i + 1] for v in self))
 
 
 def timestep_features(x, dim=256, max_period=10000.0):
@@ -158,8 +172,8 @@ class DiffusionRoBERTa(LanguageModel):
     sampler_defaults = dict(num_steps=128, sampler="ddpm", noise_scale=0.85, score_temperature=0.9, clamp=False)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
+        rng = torch.get_rng_state()  # the modules' default init must not shift the seeded draws of init_weights()
         d, e = config.model_dim, config.embed_dim
         self.schedule = NoiseSchedule(config.schedule, config.gamma_min, config.gamma_max)
         self.embedding = nn.Embedding(config.vocab_size, e)  # normalised in embed_matrix(): no collapse, no blow-up
@@ -174,17 +188,16 @@ class DiffusionRoBERTa(LanguageModel):
         # learning to attend to it (Canon layers, Allen-Zhu 2025), as the current token reaches a GPT's prediction
         self.local_mix = nn.Parameter(torch.zeros(config.depth, config.local_mix, d)) if config.local_mix else None
         self.head = nn.Linear(d, config.vocab_size if config.objective == "logits" else e, bias=False)
-        cos, sin = rotary_cos_sin(config.max_seq_len, config.head_dim)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        torch.set_rng_state(rng)
         self.init_weights()
 
     def init_weights(self):
-        init_transformer_weights(self)
+        super().init_weights()
         nn.init.normal_(self.embedding.weight, std=1.0)
         if self.context_embedding is not None:
             nn.init.normal_(self.context_embedding.weight, std=1.0)
         nn.init.zeros_(self.self_cond_proj.weight)
+        nn.init.zeros_(self.known_embed)
         nn.init.zeros_(self.head.weight)
         if self.local_mix is not None:
             nn.init.zeros_(self.local_mix)
@@ -231,8 +244,18 @@ class DiffusionRoBERTa(LanguageModel):
         """Token embeddings on a sphere of radius sqrt(embed_dim): unit variance per coordinate."""
         return F.normalize(self.embedding.weight.float(), dim=-1) * math.sqrt(self.config.embed_dim)
 
-    def denoise(self, z, gamma, known, x0_self_cond, context=None, offset=0):
-        """One network evaluation: noisy embeddings z (B,T,e) at positions offset.. offset+T-1, noise level gamma (B,),
+    def noise_level(self, gamma, slope=None):
+        """The NoiseLevel of gamma (B,) (and of the schedule's slope d gamma / dt, for the ELBO weight), computed in
+        float64 on the CPU (MPS has no float64) and moved to the model's device in one copy."""
+        c = self.config
+        alpha, sigma = alpha_sigma(gamma)
+        elbo = 0.5 * slope * torch.exp(-gamma) if slope is not None else torch.zeros_like(gamma)
+        time = (gamma - c.gamma_min) / (c.gamma_max - c.gamma_min) * 1000
+        rows = torch.stack([alpha, sigma, alpha / sigma**2, elbo, time]).float().to(self.embedding.weight.device)
+        return NoiseLevel(*(r[:, None, None] for r in rows[:4]), rows[4])
+
+    def denoise(self, z, level, known, x0_self_cond, context=None, offset=0):
+        """One network evaluation: noisy embeddings z (B,T,e) at positions offset.. offset+T-1, their NoiseLevel,
         clean-position mask known (B,T), the previous x0 estimate (B,T,e) -> head output (B,T,vocab or e).
         Block diffusion: context (B,S) holds the clean token ids of positions 0..S-1, a second stream that each noisy
         block sees up to its own start."""
@@ -244,9 +267,7 @@ class DiffusionRoBERTa(LanguageModel):
             clean = torch.arange(context.size(1), device=z.device)
             attn_mask = block_attention_mask(positions, clean, self.config.block_size)
             positions = torch.cat([positions, clean])
-        # normalise gamma to [0, 1000] so that the usual sinusoid frequencies resolve it
-        g = (gamma.float().to(z.device) - self.config.gamma_min) / (self.config.gamma_max - self.config.gamma_min) * 1000
-        cond = F.silu(self.time_mlp(timestep_features(g).to(h.dtype)))
+        cond = F.silu(self.time_mlp(timestep_features(level.time).to(h.dtype)))
         cos_sin = (self.rope_cos[:, positions], self.rope_sin[:, positions])
         for i, block in enumerate(self.blocks):
             if self.local_mix is not None:  # the noisy stream only: the clean one already sees its block in full
@@ -269,24 +290,22 @@ class DiffusionRoBERTa(LanguageModel):
             out = out + h[:, source] * (weight[j] * same[:, None]).to(h.dtype)
         return out
 
-    def token_evidence(self, z, gamma, known, E):
+    def token_evidence(self, z, level, known, E):
         """log p(w | z_t) of each token seen alone, (B,T,V): alpha / sigma^2 * z . e_w (+ a constant, as all e_w
         share a norm). Clean (known) positions get a sharp posterior: their z is exactly their embedding."""
-        alpha, sigma = alpha_sigma(gamma)
-        scale = torch.where(known[..., None], 100.0, per_row(alpha / sigma**2, z))
+        scale = torch.where(known[..., None], 100.0, level.evidence_scale)
         return (scale * z.float()) @ E.t()  # scaled in e dims, not V: cheaper
 
-    def predict_x0(self, z, gamma, known, x0_self_cond, temperature=1.0, context=None, offset=0):
+    def predict_x0(self, z, level, known, x0_self_cond, temperature=1.0, context=None, offset=0):
         """Denoise and express the result as (x0_hat (B,T,e), logits (B,T,V)), whatever the objective."""
         E = self.embed_matrix()
-        out = self.denoise(z, gamma, known, x0_self_cond, context, offset).float()
+        out = self.denoise(z, level, known, x0_self_cond, context, offset).float()
         if self.config.objective == "logits":
             # the posterior skip: the network only has to learn what context adds; at low noise it identifies the token
-            logits = out + self.token_evidence(z, gamma, known, E)
+            logits = out + self.token_evidence(z, level, known, E)
             logits = logits if temperature == 1 else logits / temperature
             return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
-        alpha, sigma = (per_row(a, z) for a in alpha_sigma(gamma))  # eps: invert z = alpha x + sigma eps
-        x0 = (z - sigma * out) / alpha
+        x0 = (z - level.sigma * out) / level.alpha  # eps: invert z = alpha x + sigma eps
         return x0, (x0 @ E.t()) / temperature  # all embeddings share a norm: dot product ranks by distance
 
     # --- training ----------------------------------------------------------
@@ -315,19 +334,18 @@ class DiffusionRoBERTa(LanguageModel):
         conditioned = (torch.rand(batch_size, device=device) < self.config.cond_rate)[:, None]
         return conditioned & torch.where(use_prefix, prefix, infill)
 
-    def noised(self, x, gamma, known):
-        alpha, sigma = (per_row(a, x) for a in alpha_sigma(gamma))
+    def noised(self, x, level, known):
         eps = torch.randn_like(x)
-        z = torch.where(known[..., None], x, alpha * x + sigma * eps)
+        z = torch.where(known[..., None], x, level.alpha * x + level.sigma * eps)
         return z, eps
 
-    def self_condition(self, z, gamma, known, x, context=None):
+    def self_condition(self, z, level, known, x, context=None):
         """The self-conditioning input: zeros, or a no-grad first estimate of x0 on self_cond_rate of the calls
         (training), always when evaluating. Clean positions carry their true embedding."""
         x0_sc = torch.zeros_like(z)
         if self.config.self_cond and (not self.training or torch.rand(()) < self.config.self_cond_rate):
             with torch.no_grad():
-                x0_sc = self.predict_x0(z, gamma, known, x0_sc, context=context)[0]
+                x0_sc = self.predict_x0(z, level, known, x0_sc, context=context)[0]
         return torch.where(known[..., None], x, x0_sc)
 
     def clean_length(self, seq_len):
@@ -344,18 +362,16 @@ class DiffusionRoBERTa(LanguageModel):
         """The training loss (a scalar) for a (B, T) batch of token ids."""
         B, T = tokens.shape
         x = F.embedding(tokens, self.embed_matrix())
-        gamma, slope = self.schedule.gamma_and_slope(self.sample_t(B))
+        level = self.noise_level(*self.schedule.gamma_and_slope(self.sample_t(B)))
         known = self.sample_known(B, T, tokens.device)
-        z, eps = self.noised(x, gamma, known)
+        z, eps = self.noised(x, level, known)
         context = self.clean_context(tokens)
-        x0_hat, logits = self.predict_x0(z, gamma, known, self.self_condition(z, gamma, known, x, context), context=context)
+        x0_hat, logits = self.predict_x0(z, level, known, self.self_condition(z, level, known, x, context), context=context)
         loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
         if self.config.elbo_weight > 0:  # the per-token diffusion term of nll_bound at this timestep
-            weight = per_row(0.5 * slope * torch.exp(-gamma), x)[..., 0]
-            loss = loss + self.config.elbo_weight * weight * (x - x0_hat).square().sum(-1)
+            loss = loss + self.config.elbo_weight * level.elbo_weight[..., 0] * (x - x0_hat).square().sum(-1)
         if self.config.objective == "eps":  # MSE on the noise, plus the rounding CE above
-            alpha, sigma = (per_row(a, z) for a in alpha_sigma(gamma))
-            loss = loss + ((z - alpha * x0_hat) / sigma - eps).square().mean(-1)
+            loss = loss + ((z - level.alpha * x0_hat) / level.sigma - eps).square().mean(-1)
         noised = ~known
         return (loss * noised).sum() / noised.sum().clamp(min=1)
 
@@ -372,12 +388,11 @@ class DiffusionRoBERTa(LanguageModel):
         E = self.embed_matrix()
         x = F.embedding(tokens, E)
         no_known = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
-        g0, g1 = (torch.tensor(g, dtype=torch.float64) for g in (c.gamma_min, c.gamma_max))
         # prior: KL(N(alpha_1 x, sigma_1^2 I) || N(0, I)), summed over the embedding dimensions
-        a1sq, s1sq = torch.sigmoid(-g1).item(), torch.sigmoid(g1).item()
+        a1sq, s1sq = sigmoid(-c.gamma_max), sigmoid(c.gamma_max)
         prior = 0.5 * (a1sq * x.square().sum(-1) + c.embed_dim * (s1sq - 1 - math.log(s1sq)))
         # reconstruction: -log p(w | z_0) under the exact Gaussian posterior over the vocabulary
-        a0, s0 = (v.item() for v in alpha_sigma(g0))
+        a0, s0 = math.sqrt(sigmoid(-c.gamma_min)), math.sqrt(sigmoid(c.gamma_min))
         z0 = a0 * x + s0 * torch.randn_like(x)
         recon = F.cross_entropy((z0 @ E.t() * (a0 / s0**2)).flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
         # diffusion: 1/2 E_t[gamma'(t) exp(-gamma(t)) ||x - x0_hat(z_t)||^2]; with blocks, each block's term is
@@ -386,11 +401,10 @@ class DiffusionRoBERTa(LanguageModel):
         diffusion = torch.zeros(B, T, device=tokens.device)
         context = self.clean_context(tokens)
         for k in range(K):
-            gamma, slope = self.schedule.gamma_and_slope((u + k) / K)
-            z, _ = self.noised(x, gamma, no_known)
-            x0_hat, _ = self.predict_x0(z, gamma, no_known, self.self_condition(z, gamma, no_known, x, context), context=context)
-            weight = per_row(0.5 * slope * torch.exp(-gamma), x)[..., 0]
-            diffusion += weight * (x - x0_hat).square().sum(-1)
+            level = self.noise_level(*self.schedule.gamma_and_slope((u + k) / K))
+            z, _ = self.noised(x, level, no_known)
+            x0_hat, _ = self.predict_x0(z, level, no_known, self.self_condition(z, level, no_known, x, context), context=context)
+            diffusion += level.elbo_weight[..., 0] * (x - x0_hat).square().sum(-1)
         return prior + recon + diffusion / K
 
     def token_nll(self, tokens):
@@ -411,10 +425,10 @@ class DiffusionRoBERTa(LanguageModel):
         context, rows = self.clean_context(tokens), []
         for g in gammas:
             torch.manual_seed(seed)  # the same noise for every level's draw, and for every checkpoint compared
-            gamma = torch.full((B,), float(g), dtype=torch.float64)
-            z, _ = self.noised(x, gamma, no_known)
-            _, logits = self.predict_x0(z, gamma, no_known, self.self_condition(z, gamma, no_known, x, context), context=context)
-            alone = log_prior.to(tokens.device) + self.token_evidence(z, gamma, no_known, E)
+            level = self.noise_level(torch.full((B,), float(g), dtype=torch.float64))
+            z, _ = self.noised(x, level, no_known)
+            _, logits = self.predict_x0(z, level, no_known, self.self_condition(z, level, no_known, x, context), context=context)
+            alone = log_prior.to(tokens.device) + self.token_evidence(z, level, no_known, E)
             ce = [F.cross_entropy(l.float().flatten(0, 1), tokens.flatten()).item() for l in (logits, alone)]
             rows.append(dict(gamma=float(g), model_ce=ce[0], no_context_ce=ce[1], gain=ce[1] - ce[0]))
         return rows
@@ -468,10 +482,14 @@ class DiffusionRoBERTa(LanguageModel):
         known_mask = torch.zeros(B, seq_len, dtype=torch.bool, device=device)
         known_ids = torch.zeros(B, seq_len, dtype=torch.long, device=device)
         for pos, tok in known.items():
-            known_mask[:, pos], known_ids[:, pos] = True, tok
+            known_mask[:, pos] = True
+            known_ids[:, pos] = tok
         x_known = F.embedding(known_ids, E)
         gammas = self.schedule.gamma(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64))
-        tokens, trajectory = known_ids.clone(), []
+        levels = self.noise_level(gammas)  # the whole table moved once: no host-device copy per step
+        steps = reverse_steps(gammas, o["sampler"], temperature * o["noise_scale"], o["score_temperature"])
+        tokens = known_ids.clone()
+        trajectory = []
         K = c.block_size or seq_len  # whole-sequence diffusion is one block
         for start in range(0, seq_len, K):  # block diffusion: each block given the clean tokens decided before it
             end = min(start + K, seq_len)
@@ -481,15 +499,13 @@ class DiffusionRoBERTa(LanguageModel):
             x0_sc = torch.zeros_like(z)
             for i in range(num_steps):
                 z = torch.where(mask[..., None], xk, z)
-                gamma = gammas[i].expand(B)
-                x0_hat, logits = self.predict_x0(z, gamma, mask, x0_sc if c.self_cond else torch.zeros_like(z),
+                x0_hat, logits = self.predict_x0(z, levels.at(i), mask, x0_sc if c.self_cond else torch.zeros_like(z),
                                                  temperature, context, start)
                 if o["clamp"]:
                     x0_hat = F.embedding(logits.argmax(-1), E)
                 x0_hat = torch.where(mask[..., None], xk, x0_hat)
                 x0_sc = x0_hat
-                z = self._step(z, x0_hat, gammas[i], gammas[i + 1], o["sampler"], temperature * o["noise_scale"],
-                               o["score_temperature"], generator)
+                z = reverse_step(z, x0_hat, steps[i], generator)
                 if return_trajectory:
                     trajectory.append(torch.cat([tokens[:, :start], torch.where(mask, ids, logits.argmax(-1))], dim=1))
                 if callback is not None:
@@ -497,15 +513,28 @@ class DiffusionRoBERTa(LanguageModel):
             tokens[:, start:end] = torch.where(mask, ids, logits.argmax(-1))
         return (tokens, trajectory) if return_trajectory else tokens
 
-    @staticmethod
-    def _step(z, x0_hat, gamma_t, gamma_s, sampler, noise_scale, score_temperature, generator):
-        """One reverse step from noise level gamma_t to the cleaner gamma_s (VDM's posterior, float64 scalars)."""
-        (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(gamma_t), alpha_sigma(gamma_s)
-        eps_hat = (z - alpha_t.item() * x0_hat) / (sigma_t.item() * score_temperature)
-        if sampler == "ddim":
-            x0_hat = (z - sigma_t.item() * eps_hat) / alpha_t.item()  # the x0 that the scaled eps implies
-            return alpha_s.item() * x0_hat + sigma_s.item() * eps_hat
-        c = -torch.expm1(gamma_s - gamma_t)  # 1 - SNR_t / SNR_s
-        mean = (alpha_s / alpha_t).item() * (z - (c * sigma_t).item() * eps_hat)
-        noise = torch.randn(z.shape, device=z.device, generator=generator)
-        return mean + (sigma_s * c.sqrt()).item() * noise_scale * noise
+
+def reverse_steps(gammas, sampler, noise_scale, score_temperature):
+    """The coefficients of each reverse step from gammas[i] to the cleaner gammas[i + 1] (VDM's posterior, in
+    float64), as plain numbers: (a, b, noise) such that the step is z <- a * z + b * x0_hat + noise * N(0, I).
+    The score temperature divides the predicted noise eps_hat = (z - alpha_t x0_hat) / sigma_t, which sharpens every
+    step towards the denoised estimate; ddim recomputes x0 from the scaled eps and takes no noise."""
+    alpha, sigma = (v.tolist() for v in alpha_sigma(gammas))
+    g = gammas.tolist()
+    steps = []
+    for i in range(len(g) - 1):
+        at, st, as_, ss = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        if sampler == "ddim":  # x0 from the scaled eps, then alpha_s x0 + sigma_s eps_hat
+            k = (ss - as_ * st / at) / (st * score_temperature)
+            steps.append((as_ / at + k, -k * at, 0.0))
+        else:  # the posterior mean (alpha_s / alpha_t) (z - c sigma_t eps_hat), c = 1 - SNR_t / SNR_s
+            c = -math.expm1(g[i + 1] - g[i])
+            k = c / score_temperature
+            steps.append((as_ / at * (1 - k), as_ / at * k * at, ss * math.sqrt(c) * noise_scale))
+    return steps
+
+
+def reverse_step(z, x0_hat, step, generator=None):
+    a, b, noise = step
+    z = a * z + b * x0_hat
+    return z + noise * torch.randn(z.shape, device=z.device, generator=generator) if noise else z

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.transformer import Block, LanguageModel, TransformerConfig, init_transformer_weights, norm, rotary_cos_sin
+from nanochat.transformer import Block, LanguageModel, TransformerConfig, norm
 
 
 @dataclass
@@ -34,19 +34,17 @@ class KVCache:
 
 class GPT(LanguageModel):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
+        rng = torch.get_rng_state()  # the modules' default init must not shift the seeded draws of init_weights()
         d = config.model_dim
         self.wte = nn.Embedding(config.vocab_size, d)
         self.blocks = nn.ModuleList([Block(d, config.n_head, causal=True) for _ in range(config.depth)])
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        cos, sin = rotary_cos_sin(config.max_seq_len, config.head_dim)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        torch.set_rng_state(rng)
         self.init_weights()
 
     def init_weights(self):
-        init_transformer_weights(self)
+        super().init_weights()
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.zeros_(self.lm_head.weight)
 

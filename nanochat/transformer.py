@@ -142,6 +142,32 @@ class LanguageModel(nn.Module):
     learning_rates = {}
     sampler_defaults = {}
 
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # RoPE tables: derived, not saved, and (re)computed by init_weights() like the weights
+        shape = (1, config.max_seq_len, 1, config.head_dim // 2)
+        self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+
+    @classmethod
+    def build(cls, config, device):
+        """The model with its weights initialised on device, never allocated anywhere else (built on the meta
+        device, then materialised): the same weights as cls(config) with the same seed, on the CPU."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Every weight and buffer from the global RNG (the subclasses add their own parameters' rules)."""
+        cos, sin = rotary_cos_sin(self.config.max_seq_len, self.config.head_dim, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        init_transformer_weights(self)
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 

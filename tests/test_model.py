@@ -8,6 +8,7 @@ import torch
 
 from nanochat.diffusion_roberta import (
     OBJECTIVES, SCHEDULES, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, alpha_sigma, block_attention_mask,
+    reverse_step, reverse_steps,
 )
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from nanochat.transformer import apply_rotary, rotary_cos_sin
@@ -30,12 +31,12 @@ def randomize(model, seed=0):
 def test_bidirectional_attention():
     model = randomize(DiffusionRoBERTa(tiny_config())).eval()
     z = torch.randn(1, 16, 8)
-    gamma = torch.zeros(1)
+    level = model.noise_level(torch.zeros(1, dtype=torch.float64))
     known = torch.zeros(1, 16, dtype=torch.bool)
-    out = model.denoise(z, gamma, known, torch.zeros_like(z))
+    out = model.denoise(z, level, known, torch.zeros_like(z))
     z2 = z.clone()
     z2[0, -1] += 1.0  # change only the last position
-    out2 = model.denoise(z2, gamma, known, torch.zeros_like(z))
+    out2 = model.denoise(z2, level, known, torch.zeros_like(z))
     assert not torch.allclose(out[0, 0], out2[0, 0]), "the first position must see the last one"
 
 
@@ -130,9 +131,11 @@ def test_step_noise_scale_and_score_temperature():
     x0, eps = torch.randn(2000, 8), torch.randn(2000, 8)
     z = alpha_t * x0 + sigma_t * eps
 
+    gammas = torch.stack([gamma_t, gamma_s])
+
     def step(noise_scale, score_temperature, seed=0):
         g = torch.Generator().manual_seed(seed)
-        return DiffusionRoBERTa._step(z, x0, gamma_t, gamma_s, "ddpm", noise_scale, score_temperature, g)
+        return reverse_step(z, x0, reverse_steps(gammas, "ddpm", noise_scale, score_temperature)[0], g)
 
     def residual(score_temperature):  # the share of eps left in the mean
         return ((step(0.0, score_temperature) - alpha_s * x0) / eps).mean().item()
@@ -144,7 +147,7 @@ def test_step_noise_scale_and_score_temperature():
     for scale in (1.0, 0.5):
         spread = (step(scale, 1.0) - step(0.0, 1.0)).std().item()
         assert spread == pytest.approx(scale * sigma_s * math.sqrt(c), rel=0.05)
-    ddim = DiffusionRoBERTa._step(z, x0, gamma_t, gamma_s, "ddim", 1.0, 1.0, None)
+    ddim = reverse_step(z, x0, reverse_steps(gammas, "ddim", 1.0, 1.0)[0])
     torch.testing.assert_close(ddim, alpha_s * x0 + sigma_s * eps, rtol=1e-5, atol=1e-5)  # the deterministic path
 
 
@@ -262,7 +265,7 @@ def test_block_diffusion_sees_earlier_blocks_clean_and_no_later_block():
     z, gamma, known = torch.randn(1, 16, 8), torch.zeros(1), torch.zeros(1, 16, dtype=torch.bool)
 
     def logits(tokens, z):
-        return model.predict_x0(z, gamma, known, torch.zeros_like(z), context=model.clean_context(tokens))[1][0]
+        return model.predict_x0(z, model.noise_level(gamma), known, torch.zeros_like(z), context=model.clean_context(tokens))[1][0]
 
     before = logits(tokens, z)
     later = tokens.clone()
@@ -326,7 +329,7 @@ def test_local_mix_reaches_neighbours_without_attention(depth):
                 block.attn.c_proj.weight.zero_()
         z = torch.randn(1, 16, 8, requires_grad=True)
         no = torch.zeros(1, 16, dtype=torch.bool)
-        model.denoise(z, torch.zeros(1), no, torch.zeros(1, 16, 8))[0, 8].sum().backward()
+        model.denoise(z, model.noise_level(torch.zeros(1, dtype=torch.float64)), no, torch.zeros(1, 16, 8))[0, 8].sum().backward()
         return (z.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
 
     assert reach(0) == [8]
@@ -388,3 +391,28 @@ def test_gpt_kv_cache_decodes_as_one_forward_pass():
     caches = [KVCache() for _ in model.blocks]
     steps = [model.logits(tokens[:, :5], 0, caches)] + [model.logits(tokens[:, t:t + 1], t, caches) for t in range(5, 16)]
     assert torch.allclose(torch.cat(steps, dim=1), model.logits(tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: (DiffusionRoBERTa, tiny_config(depth=2, block_size=4)),
+    lambda: (GPT, GPTConfig(vocab_size=32, depth=2, max_seq_len=16)),
+], ids=["diffusion", "gpt"])
+def test_meta_device_build_gives_the_weights_of_a_normal_build(build):
+    """build() makes the model on the meta device (nothing allocated) and materialises it: the same weights and
+    buffers as a normal build with the same seed, and the same outputs."""
+    cls, config = build()
+    with torch.device("meta"):
+        shell = cls(config)
+    assert all(p.is_meta for p in shell.parameters()) and shell.rope_cos.is_meta
+    torch.manual_seed(5)
+    normal = cls(config)
+    torch.manual_seed(5)
+    built = cls.build(config, "cpu")
+    a, b = normal.state_dict(), built.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(normal.rope_cos, built.rope_cos) and torch.equal(normal.rope_sin, built.rope_sin)
+    tokens = torch.randint(0, 32, (2, 16))
+    torch.manual_seed(0)
+    la = normal(tokens)
+    torch.manual_seed(0)
+    assert torch.equal(la, built(tokens))
