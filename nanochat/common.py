@@ -107,9 +107,17 @@ def compute_init(device_type=""):
     return ddp, rank, local_rank, world_size, device
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+DTYPES = ("float32", "bfloat16")
+
+
+def autocast_for(device, dtype=None):
+    """The autocast context for a --dtype flag: bfloat16 (the default on CUDA) autocasts the matmuls to bf16 on
+    any device (the CUDA path runs on the CPU too); float32 (the default elsewhere) runs without autocast."""
+    device = torch.device(device)
+    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 
 def sync(device):

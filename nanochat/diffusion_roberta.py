@@ -169,7 +169,7 @@ class DiffusionRoBERTa(LanguageModel):
     learning_rates = dict(matrix_lr=0.01, head_lr=0.001)
     # generate()'s sampler options and their defaults: noise at 0.85 of the reverse process's and a score temperature
     # of 0.9 sampled best against the GPT; both at 1 give the model's own reverse process
-    sampler_defaults = dict(num_steps=128, sampler="ddpm", noise_scale=0.85, score_temperature=0.9, clamp=False)
+    sampler_defaults = dict(num_steps=128, sampler="ddpm", noise_scale=0.85, score_temperature=0.9, clamp=False, compile=False)
 
     def __init__(self, config):
         super().__init__(config)
@@ -339,11 +339,19 @@ class DiffusionRoBERTa(LanguageModel):
         z = torch.where(known[..., None], x, level.alpha * x + level.sigma * eps)
         return z, eps
 
-    def self_condition(self, z, level, known, x, context=None):
-        """The self-conditioning input: zeros, or a no-grad first estimate of x0 on self_cond_rate of the calls
-        (training), always when evaluating. Clean positions carry their true embedding."""
+    @torch.compiler.disable  # float64 on the CPU and a coin for a Python branch: before the compiled graph
+    def draw_noise(self, batch_size):
+        """A training micro-batch's randomness drawn on the CPU: its noise levels (stratified t, with the ELBO weight)
+        and whether it gets a self-conditioning pass (on self_cond_rate of the micro-batches; always when evaluating)."""
+        level = self.noise_level(*self.schedule.gamma_and_slope(self.sample_t(batch_size)))
+        coin = not self.training or torch.rand(()).item() < self.config.self_cond_rate
+        return level, self.config.self_cond and coin
+
+    def self_condition(self, z, level, known, x, context=None, first_pass=None):
+        """The self-conditioning input: zeros, or a no-grad first estimate of x0 (with first_pass, as drawn for a
+        training micro-batch; always when evaluating). Clean positions carry their true embedding."""
         x0_sc = torch.zeros_like(z)
-        if self.config.self_cond and (not self.training or torch.rand(()) < self.config.self_cond_rate):
+        if self.config.self_cond if first_pass is None else first_pass:
             with torch.no_grad():
                 x0_sc = self.predict_x0(z, level, known, x0_sc, context=context)[0]
         return torch.where(known[..., None], x, x0_sc)
@@ -361,12 +369,12 @@ class DiffusionRoBERTa(LanguageModel):
     def forward(self, tokens):
         """The training loss (a scalar) for a (B, T) batch of token ids."""
         B, T = tokens.shape
+        level, first_pass = self.draw_noise(B)
         x = F.embedding(tokens, self.embed_matrix())
-        level = self.noise_level(*self.schedule.gamma_and_slope(self.sample_t(B)))
         known = self.sample_known(B, T, tokens.device)
         z, eps = self.noised(x, level, known)
         context = self.clean_context(tokens)
-        x0_hat, logits = self.predict_x0(z, level, known, self.self_condition(z, level, known, x, context), context=context)
+        x0_hat, logits = self.predict_x0(z, level, known, self.self_condition(z, level, known, x, context, first_pass), context=context)
         loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
         if self.config.elbo_weight > 0:  # the per-token diffusion term of nll_bound at this timestep
             loss = loss + self.config.elbo_weight * level.elbo_weight[..., 0] * (x - x0_hat).square().sum(-1)
@@ -453,6 +461,7 @@ class DiffusionRoBERTa(LanguageModel):
         if settings["score_temperature"] != 1:
             how += f", score temperature {settings['score_temperature']:g}"
         how += ", clamped" if settings["clamp"] else ""
+        how += ", compiled" if settings["compile"] else ""
         return how + (f", blocks of {self.config.block_size} tokens left to right" if self.config.block_size else "")
 
     def progress_steps(self, seq_len, known, settings):
@@ -471,8 +480,9 @@ class DiffusionRoBERTa(LanguageModel):
         ancestral noise. options (sampler_defaults): num_steps; sampler ddpm (ancestral) or ddim (deterministic);
         noise_scale scales the ancestral noise further; score_temperature divides the predicted noise, which sharpens
         every step towards the denoised estimate (Plaid's score temperature); clamp snaps each x0 estimate to its
-        nearest token embedding (Diffusion-LM). With return_trajectory, also returns the list of argmax token estimates
-        after every step. callback() runs after every step (progress bars).
+        nearest token embedding (Diffusion-LM); compile runs the denoiser through torch.compile. With
+        return_trajectory, also returns the list of argmax token estimates after every step. callback() runs after
+        every step (progress bars).
         With block_size K, the blocks of K tokens are generated left to right, num_steps each, every block given
         the clean tokens before it (semi-autoregressive, as in SSD-LM and BD3-LM)."""
         c, o = self.config, self.sampler_settings(temperature, **options)
@@ -490,6 +500,7 @@ class DiffusionRoBERTa(LanguageModel):
         steps = reverse_steps(gammas, o["sampler"], temperature * o["noise_scale"], o["score_temperature"])
         tokens = known_ids.clone()
         trajectory = []
+        predict_x0 = torch.compile(self.predict_x0) if o["compile"] else self.predict_x0
         K = c.block_size or seq_len  # whole-sequence diffusion is one block
         for start in range(0, seq_len, K):  # block diffusion: each block given the clean tokens decided before it
             end = min(start + K, seq_len)
@@ -499,8 +510,8 @@ class DiffusionRoBERTa(LanguageModel):
             x0_sc = torch.zeros_like(z)
             for i in range(num_steps):
                 z = torch.where(mask[..., None], xk, z)
-                x0_hat, logits = self.predict_x0(z, levels.at(i), mask, x0_sc if c.self_cond else torch.zeros_like(z),
-                                                 temperature, context, start)
+                x0_hat, logits = predict_x0(z, levels.at(i), mask, x0_sc if c.self_cond else torch.zeros_like(z),
+                                            temperature, context, start)
                 if o["clamp"]:
                     x0_hat = F.embedding(logits.argmax(-1), E)
                 x0_hat = torch.where(mask[..., None], xk, x0_hat)

@@ -59,7 +59,7 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
     assert [x["label"] for x in s["settings"]] == ["GPT T=1.0", "diffusion 2 steps T=1.0", "diffusion 2 steps T=0.7",
                                                   "diffusion 4 steps T=1.0", "diffusion 4 steps T=0.7"]
     assert s["output_tokens"] == 2 * 23
-    assert s["sampler_options"] == dict(sampler="ddpm", noise_scale=NOISE_SCALE, score_temperature=0.8, clamp=False)
+    assert s["sampler_options"] == dict(sampler="ddpm", noise_scale=NOISE_SCALE, score_temperature=0.8, clamp=False, compile=False)
     assert [x["label"] for x in s["references"]] == ["validation text", "unigram samples (training split)",
                                                     "bigram samples (training split)"]
     for x in s["settings"] + s["references"]:
