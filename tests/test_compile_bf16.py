@@ -81,3 +81,32 @@ def test_bf16_bound_and_sampling_keep_the_schedule_in_float64():
         ids = model.generate(2, 16, {0: 1}, num_steps=3)
     assert model.schedule.gamma(torch.tensor([0.5])).dtype == torch.float64 and level.alpha.dtype == torch.float32
     assert bf16 == pytest.approx(fp32, rel=0.02) and ids.shape == (2, 16) and ids[:, 0].eq(1).all()
+
+
+class CountScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host (.item(), .tolist(), bool(tensor): a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_reads_in_the_denoising_step_or_the_training_step():
+    """A denoising step reads nothing back; a training forward + backward reads one number, the self-conditioning
+    coin, drawn from a CPU tensor (no device sync). The schedule tables are built once per generate() call."""
+    torch.manual_seed(0)
+    model = MODELS["diffusion"]()
+    tokens = torch.randint(0, 128, (4, 16))
+    with CountScalarReads() as train_reads:
+        model(tokens).backward()
+    model.eval()
+    z = torch.randn(2, 16, 8)
+    known = torch.zeros(2, 16, dtype=torch.bool)
+    level = model.noise_level(torch.linspace(1, 0, 9, dtype=torch.float64))  # a whole table, moved once
+    with torch.no_grad(), CountScalarReads() as step_reads:
+        model.predict_x0(z, level.at(3), known, torch.zeros_like(z))
+    assert (train_reads.reads, step_reads.reads) == (1, 0)
