@@ -94,7 +94,8 @@ class NoiseSchedule:
         return torch.log1p(-ab) - torch.log(ab)
 
     def _solve(self, target):
-        lo, hi = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+        # on the CPU even under torch.device("meta"), where the training script builds a model to count its parameters
+        lo, hi = torch.zeros((), dtype=torch.float64, device="cpu"), torch.ones((), dtype=torch.float64, device="cpu")
         for _ in range(100):  # gamma is increasing in t: bisection
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self._raw_gamma(mid) < target else (lo, mid)
