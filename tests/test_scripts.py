@@ -277,11 +277,13 @@ def test_eval_verbatim_small_split_and_gpt(ckpts, tmp_path, capsys):
 
 
 def test_demo_cli(tmp_path):
-    """No checkpoint and no tokenizer: trains a tiny BPE in-process, writes the PNG, prints all four steps."""
+    """No checkpoint and no tokenizer: trains a tiny BPE in-process, writes the PNG (into $NANOCHAT_BASE_DIR/demo,
+    not the current folder), prints all four steps."""
     p = run_cli("scripts.diffusion_demo", "--train_steps", 3, "--num_steps", 6, cwd=tmp_path,
                 env={"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
-    png = tmp_path / "diffusion_demo_schedule.png"
+    png = tmp_path / "base" / "demo" / "diffusion_demo_schedule.png"
+    assert not (tmp_path / "diffusion_demo_schedule.png").exists()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in p.stdout
     for marker in ("1. Noise schedules", "c = cosine", "2. Forward diffusion", "3. Training", "loss before",
                    "4. Reverse diffusion", "step    6/6", "final sample", "vocab 300"):
@@ -329,6 +331,9 @@ SAMPLE_BAD = [
     ({"--infill": "there is no gap here"}, "no gap"),
     ({"--infill": "x[BLANK:40]y"}, "longer than"),
     ({"--prompt": "a", "--infill": "b[BLANK:2]"}, "not both"),
+    ({"--seed": str(2**63)}, "--seed must be an integer in 0..2**63-1"),
+    ({"--output": "{bad}/notckpt.pt/samples.jsonl"}, "notckpt.pt is a file, not a folder"),
+    ({"--output": "{bad}"}, "is a folder; give the name of a file"),
 ]
 
 
@@ -354,6 +359,10 @@ def test_sample_bad_input(ckpts, bad_files, capsys, overrides, message):
     (["--judge", "{bad}/missing.pt"], "no checkpoint"),
     (["--judge", "{diffusion}"], "needs a gpt checkpoint"),
     (["--data_dir", "{bad}/nodata"], "does not exist"),
+    (["--temperature", "inf"], "temperature must be finite and > 0"),
+    (["--noise_scale", "inf"], "noise_scale must be finite and >= 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..2**63-1"),
+    (["--output", "{bad}/notckpt.pt/eval.json"], "--output"),
 ])
 def test_eval_bad_input(ckpts, bad_files, capsys, extra, message):
     argv = ["--checkpoint", str(ckpts["diffusion"]), "--data_dir", str(bad_files)] + extra
@@ -373,6 +382,7 @@ def test_eval_bad_input(ckpts, bad_files, capsys, extra, message):
     ("scripts.diffusion_eval", ["--checkpoint", "{gpt}", "--bound_samples", "4"], "has no likelihood bound"),
     ("scripts.diffusion_eval", ["--checkpoint", "{bad}/oldformat.pt"], "another version of this code"),
     ("scripts.diffusion_demo", ["--checkpoint", "{gpt}"], "needs a diffusion checkpoint"),
+    ("scripts.diffusion_demo", ["--out_dir", "{bad}/notckpt.pt/plots"], "--out_dir"),
 ])
 def test_cli_bad_input(ckpts, bad_files, tmp_path, module, args, message):
     """The same through the real command line: exit status 1, one line, no traceback."""
