@@ -22,7 +22,7 @@ import torch
 from nanochat.common import DummyWandb, UserError, check_writable, compute_init, init_wandb, peak_flops, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import (MAX_SHARD, download, from_text, list_parquet_files, list_row_groups,
-                              parquets_iter_batched, read_row_group, shard_name)
+                              parquets_iter_batched, read_row_group, shard_name, text_iterator)
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,9 +167,23 @@ def test_dataset_errors(tmp_path):
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "shard_00001.parquet")
     with pytest.raises(UserError, match="no 'text' column"):
         list(parquets_iter_batched("val", tmp_path))
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "shard_00001.parquet")
+    with pytest.raises(UserError, match=r"shard_00001.parquet: its 'text' column holds int64, not strings"):
+        list(parquets_iter_batched("val", tmp_path))
     (tmp_path / "shard_00001.parquet").write_bytes(b"this is not parquet")
     with pytest.raises(UserError, match="not a valid parquet"):
         list(parquets_iter_batched("val", tmp_path))
+
+
+def test_an_empty_train_split_trains_no_tokenizer(tmp_path):
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "shard_00000.parquet")
+    pq.write_table(pa.table({"text": ["some validation text"]}), tmp_path / "shard_00001.parquet")
+    with pytest.raises(UserError, match=r"the train split of .* holds no text"):
+        Tokenizer.train_from_iterator(text_iterator(tmp_path, 10**6, 1000), 300)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "scripts.tok_train", "--vocab_size", "300", "--data_dir", str(tmp_path),
+                        "--tokenizer_dir", str(tmp_path / "tok")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("error: the train split of") and not (tmp_path / "tok").exists(), p.stderr
 
 
 def test_from_text(tmp_path):

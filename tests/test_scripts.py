@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,8 +132,10 @@ def test_generative_nll_and_judge_identity(tiny_tokenizer, tmp_path):
 
 def test_parse_infill():
     assert parse_infill("a [BLANK:3] b[BLANK:1]") == ["a ", 3, " b", 1]
-    for bad, msg in [("no gap here", "no gap"), ("x [BLANK:0] y", "at least one"), ("x [BLANK:] [BLANK:2]", "malformed")]:
-        with pytest.raises(UserError, match=msg):
+    for bad, msg in [("no gap here", "no gap"), ("x [BLANK:0] y", "at least one"), ("x [BLANK:] [BLANK:2]", "malformed"),
+                     ("[BLANK:-3]", "malformed gap marker '[BLANK:-3]'"), ("a [BLANK:] b", "malformed gap marker '[BLANK:]'"),
+                     ("a [BLANK: 3] b", "malformed gap marker '[BLANK: 3]'"), ("a [BLANK:4", "malformed gap marker '[BLANK:4'")]:
+        with pytest.raises(UserError, match=re.escape(msg)):
             parse_infill(bad)
 
 
@@ -331,6 +334,7 @@ SAMPLE_BAD = [
     ({"--infill": "there is no gap here"}, "no gap"),
     ({"--infill": "x[BLANK:40]y"}, "longer than"),
     ({"--prompt": "a", "--infill": "b[BLANK:2]"}, "not both"),
+    ({"--infill": "x [BLANK:-3] y"}, "malformed gap marker '[BLANK:-3]'"),
     ({"--seed": str(2**63)}, "--seed must be an integer in 0..2**63-1"),
     ({"--output": "{bad}/notckpt.pt/samples.jsonl"}, "notckpt.pt is a file, not a folder"),
     ({"--output": "{bad}"}, "is a folder; give the name of a file"),
