@@ -301,18 +301,27 @@ class Progress:
     last_path: str = None  # the newest checkpoint this process wrote
 
 
-def train(args, ddp, rank, world_size, device):
-    tokens_per_fwd = args.device_batch_size * args.max_seq_len
-    total_batch_size = args.total_batch_size if args.total_batch_size > 0 else tokens_per_fwd * world_size
-    if total_batch_size % (tokens_per_fwd * world_size):
+def accumulation_steps(args, world_size):
+    """Micro-batches per rank and step: --total_batch_size over what the ranks take in one forward pass."""
+    tokens_per_fwd = args.device_batch_size * args.max_seq_len * world_size
+    total_batch_size = args.total_batch_size if args.total_batch_size > 0 else tokens_per_fwd
+    if total_batch_size % tokens_per_fwd:
         raise UserError(f"--total_batch_size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
-                        f"world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} = {tokens_per_fwd * world_size}")
-    grad_accum = total_batch_size // (tokens_per_fwd * world_size)
+                        f"world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} = {tokens_per_fwd}")
+    return total_batch_size // tokens_per_fwd
+
+
+def train(args, ddp, rank, world_size, device):
+    # the batch layout, data, tokenizer and model, all checked before anything is allocated
+    grad_accum = accumulation_steps(args, world_size)
+    tokens_per_fwd = args.device_batch_size * args.max_seq_len
+    total_batch_size = tokens_per_fwd * world_size * grad_accum
     tokenizer = prepare_data_and_tokenizer(args, rank, ddp)
     token_bytes = tokenizer.token_bytes(device)
     config = model_config(args, tokenizer.get_vocab_size())
     check_fits(args, config, device)
 
+    # the model and optimisers, fresh or from the checkpoint that --resume continues
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = MODEL_TYPES[args.model][1](config).to(device)
     run = Run(args, ddp, rank, world_size, device, grad_accum, tokenizer, model, setup_optimizers(model, **optimizer_rates(args)))
@@ -321,6 +330,8 @@ def train(args, ddp, rank, world_size, device):
     else:
         progress = Progress(run_id=new_run_id(ddp), loader_states=[None] * grad_accum)
     start_step = progress.step
+
+    # this rank's training streams and validation batches
     n_slots = world_size * grad_accum
     slots = [m * world_size + rank for m in range(grad_accum)]  # this rank's micro-batches, in order
     loaders = [DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, rank=slot,
@@ -334,6 +345,7 @@ def train(args, ddp, rank, world_size, device):
         raise UserError(f"the validation split (the last shard) has fewer than {tokens_per_fwd} tokens per rank: "
                         f"lower --device_batch_size / --max_seq_len, or add data")
 
+    # the model as it trains (compiled, DDP), and what the log reports
     train_model = torch.compile(model) if args.compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -348,6 +360,7 @@ def train(args, ddp, rank, world_size, device):
         for f in run_files(args.checkpoint_dir, args.model):
             os.remove(f)
 
+    # the loop's state: the loaders' at the start of the step, the smoothed loss, the step saved last
     progress.loader_states = [l.state_dict() for l in loaders]
     smooth_loss = None
     for _, loss in progress.history["train"]:
@@ -367,16 +380,12 @@ def train(args, ddp, rank, world_size, device):
             # print samples every --sample_every steps and at the end
             if rank == 0 and ((args.sample_every > 0 and step > start_step and step % args.sample_every == 0)
                               or (args.sample_every != 0 and last(step))):
-                model.eval()
-                with autocast_for(device):
-                    for text in sample_texts(model, tokenizer, 2, min(64, args.max_seq_len), args.seed):
-                        print0(f"sample: {text!r}")
-                model.train()
+                print_samples(run)
             # save every --save_every steps and at the end
             if step != saved_step and (last(step) or (args.save_every > 0 and step % args.save_every == 0 and step > 0)):
                 progress.last_path = save_checkpoint(run, progress)
                 saved_step = step
-            if last(step):
+            if last(step):  # the end: evaluated, sampled and saved
                 break
 
             # one optimisation step over grad_accum micro-batches
@@ -414,11 +423,14 @@ def train(args, ddp, rank, world_size, device):
                 raise KeyboardInterrupt
     finally:
         stop.uninstall(previous_handlers)
+
+    # the run report (curves, final evaluation, samples) beside the checkpoints
     if rank == 0:
         timed_steps = progress.step - start_step - 1
+        tokens_per_second = total_batch_size * timed_steps / progress.total_time if progress.total_time else None
         report = write_report(args.checkpoint_dir, args.model, vars(args), model, progress.history, device,
                               samples=sample_texts(model.eval(), tokenizer, 3, min(64, args.max_seq_len), args.seed),
-                              tokens_per_second=total_batch_size * timed_steps / progress.total_time if progress.total_time else None)
+                              tokens_per_second=tokens_per_second)
         print0(f"report: {report}")
     wandb_run.finish()
     print0(f"done: {progress.step} steps, {progress.total_time / 60:.2f} min of training, last checkpoint {progress.last_path}")
@@ -443,6 +455,14 @@ def nonfinite_error(run, progress, what, action):
     return UserError(f"{what} at step {progress.step}; {action} ({kept(progress)}). Try lower learning rates "
                      f"({', '.join('--' + k for k in optimizer_rates(run.args))})"
                      + ("" if run.args.grad_clip > 0 else " or --grad_clip 1.0"))
+
+
+def print_samples(run):
+    run.model.eval()
+    with autocast_for(run.device):
+        for text in sample_texts(run.model, run.tokenizer, 2, min(64, run.args.max_seq_len), run.args.seed):
+            print0(f"sample: {text!r}")
+    run.model.train()
 
 
 def weights_finite(model):
