@@ -122,9 +122,10 @@ def check_args(args):
     check_seed(args.seed)
     check_writable(args.out_dir, "--out_dir")
     for model_type in ("gpt", "diffusion"):
+        targs = train_args(args, model_type)
         try:
-            trainer.check_args(train_args(args, model_type))
-        except UserError as e:
+            trainer.check_args(targs)
+        except UserError as e:  # e.g. a rate passed on in --diffusion_args
             raise UserError(f"the {model_type} run: {e}") from None
 
 
