@@ -134,9 +134,9 @@ if [ -n "${DOWNLOAD_PID:-}" ]; then
 fi
 
 # -----------------------------------------------------------------------------
-# the two models, same shape, batch, data and seed
+# the two models, same shape, batch, data and seed (--overwrite: a rerun of the pipeline trains afresh in $RUN_DIR)
 COMMON=(--depth "$DEPTH" --max_seq_len "$SEQ_LEN" --device_batch_size "$BATCH" --total_batch_size "$TOTAL_BATCH"
-        --data_dir "$DATA_DIR" --tokenizer_dir "$TOK_DIR" --checkpoint_dir "$CKPT_DIR" --eval_tokens "$EVAL_TOKENS"
+        --data_dir "$DATA_DIR" --tokenizer_dir "$TOK_DIR" --checkpoint_dir "$CKPT_DIR" --overwrite --eval_tokens "$EVAL_TOKENS"
         "${DEVICE[@]}")
 if [ "$CPU" = 1 ]; then
     EVERY=(--eval_every $(( (ITERS + 3) / 4 )) --sample_every -1 --save_every -1)

@@ -29,6 +29,39 @@ def run_main(main):
         sys.exit(130)
 
 
+def check_writable(path, flag, kind="folder"):
+    """One UserError naming the flag unless path can be written: a folder (kind="folder") or a file (kind="file"),
+    created later if missing. Run before any work, so that no run fails at its first save; creates nothing."""
+    path = os.path.abspath(path)
+    if kind == "file" and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give the name of a file")
+    existing = path if kind == "folder" else os.path.dirname(path)
+    while not os.path.exists(existing):  # the folders that do not exist yet will be created in the nearest one that does
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK) or (os.path.isfile(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path} is not writable (no permission, or a read-only file system); choose another path")
+
+
+def check_seed(seed, flag="--seed"):
+    """Seeds go to torch.manual_seed, which takes 64 bits (the training loop adds small offsets)."""
+    if not 0 <= seed < 2**63:
+        raise UserError(f"{flag} must be an integer in 0..2**63-1, got {seed}")
+
+
+def format_bytes(n):
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def device_memory(device):
+    """Bytes of memory of a device: the GPU's own for CUDA, the machine's RAM otherwise (MPS shares it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def parse_bool(s):
     if s.lower() in ("1", "true", "yes"):
         return True

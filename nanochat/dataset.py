@@ -67,6 +67,9 @@ def open_parquet(path):
     names = pf.schema_arrow.names
     if "text" not in names:
         raise UserError(f"{path} has no 'text' column (columns: {names}); shards need a string column named 'text'")
+    text_type = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise UserError(f"{path}: its 'text' column holds {text_type}, not strings; shards need a string column named 'text'")
     return pf
 
 
@@ -94,7 +97,8 @@ def parquets_iter_batched(split, data_dir=None):
 
 
 def text_iterator(data_dir, max_chars, doc_cap):
-    """Documents of the train split, each cut to doc_cap characters, until max_chars have been read."""
+    """Documents of the train split, each cut to doc_cap characters, until max_chars have been read. A split without
+    any text is a UserError: a tokenizer trained on nothing would have no merges."""
     nchars = 0
     for texts in parquets_iter_batched("train", data_dir):
         for doc in texts:
@@ -103,6 +107,9 @@ def text_iterator(data_dir, max_chars, doc_cap):
             yield doc
             if nchars >= max_chars:
                 return
+    if nchars == 0:
+        raise UserError(f"the train split of {data_dir or default_data_dir()} holds no text (every shard but the last is "
+                        f"empty): add documents, or build shards with python -m nanochat.dataset --from_text FILE... --out DIR")
 
 
 def _check_parquet(path, n):

@@ -16,19 +16,23 @@ from nanochat.common import UserError
 from nanochat.diffusion_roberta import SAMPLERS, DiffusionRoBERTa
 
 BLANK = re.compile(r"\[BLANK:(\d+)\]")
+LOOKS_LIKE_BLANK = re.compile(r"\[BLANK[^\]]*\]?")  # what a user meant as a gap marker, well-formed or not
 
 
 def parse_infill(template):
     """'a [BLANK:3] b' -> ['a ', 3, ' b']: text pieces and gap sizes, in order (empty pieces dropped)."""
     parts = BLANK.split(template)
     pieces = [int(p) if i % 2 else p for i, p in enumerate(parts)]
+    for piece in pieces[::2]:  # the text between the well-formed markers
+        malformed = LOOKS_LIKE_BLANK.search(piece)
+        if malformed:  # said before "no gap": [BLANK:-3] alone is a gap written wrong
+            raise UserError(f"malformed gap marker {malformed.group()!r} in the infill template: write [BLANK:N] with N "
+                            f"a number of tokens, e.g. [BLANK:5]")
     gaps = [p for p in pieces if isinstance(p, int)]
     if not gaps:
         raise UserError("the infill template has no gap: mark each gap as [BLANK:N], e.g. 'The [BLANK:5] sat on the mat.'")
     if any(g < 1 for g in gaps):
         raise UserError("infill gaps need at least one token: [BLANK:N] with N >= 1")
-    if any(isinstance(p, str) and "[BLANK" in p for p in pieces):
-        raise UserError("malformed gap marker in the infill template: write [BLANK:N] with N a number of tokens")
     return [p for p in pieces if p != ""]
 
 

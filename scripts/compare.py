@@ -20,12 +20,15 @@ gives the reference point, and samples of the training split's unigram and bigra
 only those statistics lands.
 
 Writes to --out_dir: compare.md (the report), compare.json (every number), bpb_vs_flops.png, frontier.png,
-and the two runs' checkpoints and training reports in gpt/ and diffusion/. Single process (one device).
---reuse skips the training of a model whose run in --out_dir is finished with the very same flags (e.g. to
-rerun only the diffusion half with new --diffusion_args).
+and the two runs' checkpoints and training reports in gpt/ and diffusion/ (a rerun trains them afresh there).
+Single process (one device). --reuse skips the training of a model whose run in --out_dir is finished with the
+very same flags (e.g. to rerun only the diffusion half with new --diffusion_args); a damaged run is named and
+trained again. Every flag, and every flag passed on, is checked before anything is trained.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -36,8 +39,10 @@ import matplotlib.pyplot as plt
 import torch
 
 from nanochat import train as trainer
-from nanochat.checkpoint import MODEL_TYPES, best_path, checkpoint_path, load_model, read_checkpoint, state_path
-from nanochat.common import UserError, autocast_for, compute_init, finite, fmt, median_times, peak_flops, run_main, sync
+from nanochat.checkpoint import MODEL_TYPES, best_path, checkpoint_path, load_model, read_checkpoint, read_state, state_path
+from nanochat.common import (
+    UserError, autocast_for, check_seed, check_writable, compute_init, finite, fmt, median_times, peak_flops, run_main, sync,
+)
 from nanochat.dataloader import DataLoader
 from nanochat.evaluate import evaluate_bpb
 from nanochat.ngram import NGram
@@ -50,6 +55,11 @@ from nanochat.sampling import add_sampler_args, decode, generate, sampler_option
 # evaluated 3x as often, which costs one exact forward pass each (a diffusion evaluation costs bound_samples of them)
 EVAL_POINTS = {"gpt": 24, "diffusion": 8}
 NGRAM_TOKENS = 2**22  # training tokens (at most one pass) counted by the unigram and bigram references
+# diffusion_train flags that compare sets for both runs, refused in --diffusion_args / --gpt_args: the same shape,
+# batch, data, seed and device for both, the steps and evaluations from the budget, the checkpoints in --out_dir
+COMPARE_SETS = {"model", "depth", "max_seq_len", "device_batch_size", "total_batch_size", "data_dir", "tokenizer_dir",
+                "eval_tokens", "num_iterations", "eval_every", "sample_every", "save_every", "checkpoint_dir", "resume",
+                "overwrite", "seed", "device_type", "compile"}
 
 
 def number_list(cast):
@@ -90,12 +100,17 @@ def get_args(argv=None):
 
 
 def check_args(args):
+    """Every flag, and the diffusion_train flags of both runs, before anything is trained."""
     budget = args.flops if args.flops is not None else args.minutes
-    if not budget > 0:
-        raise UserError("the budget (--flops or --minutes) must be > 0")
+    if not (math.isfinite(budget) and budget > 0):
+        raise UserError(f"the budget (--flops or --minutes) must be finite and > 0, got {budget}")
     for name in ("depth", "max_seq_len", "device_batch_size", "num_samples"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.sample_batch_size is not None and args.sample_batch_size < 1:
+        raise UserError(f"--sample_batch_size must be >= 1, got {args.sample_batch_size}")
+    if args.num_show < 0:
+        raise UserError(f"--num_show must be >= 0, got {args.num_show}")
     if args.sample_len < 2:
         raise UserError(f"--sample_len must be >= 2 (BOS + at least one token), got {args.sample_len}")
     if not args.sample_steps:
@@ -104,38 +119,76 @@ def check_args(args):
         raise UserError("--temperatures and --gpt_temperatures need values, e.g. 1.0,0.8")
     for setting in sample_settings(args):
         sampler_settings(MODEL_TYPES[setting["model"]][1], setting["temperature"], setting["options"])
+    check_seed(args.seed)
+    check_writable(args.out_dir, "--out_dir")
+    for model_type in ("gpt", "diffusion"):
+        targs = train_args(args, model_type)
+        try:
+            trainer.check_args(targs)
+        except UserError as e:  # e.g. a rate passed on in --diffusion_args
+            raise UserError(f"the {model_type} run: {e}") from None
 
 
 # -----------------------------------------------------------------------------
 # the plan: equal FLOPs
 
 def train_argv(args, model_type, num_iterations):
-    """diffusion_train flags for one run: shared shape, batch, data and seed; EVAL_POINTS[model_type] evaluations."""
+    """diffusion_train flags for one run: shared shape, batch, data and seed; EVAL_POINTS[model_type] evaluations;
+    its checkpoints afresh in --out_dir; then the run's own --{model_type}_args."""
     argv = ["--model", model_type, "--depth", args.depth, "--max_seq_len", args.max_seq_len,
             "--device_batch_size", args.device_batch_size, "--total_batch_size", args.total_batch_size,
             "--num_iterations", num_iterations, "--eval_every", math.ceil(num_iterations / EVAL_POINTS[model_type]),
             "--sample_every", 0, "--save_every", -1, "--checkpoint_dir", os.path.join(args.out_dir, model_type),
-            "--seed", args.seed, "--device_type", args.device_type]
+            "--overwrite", "--seed", args.seed, "--device_type", args.device_type]
     for flag in ("data_dir", "tokenizer_dir", "eval_tokens"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", getattr(args, flag)]
     argv += ["--compile"] if args.compile else []
-    argv += shlex.split(getattr(args, f"{model_type}_args"))
-    return [str(x) for x in argv]
+    return [str(x) for x in argv] + extra_argv(args, model_type)
+
+
+def extra_argv(args, model_type):
+    value = getattr(args, f"{model_type}_args")
+    try:
+        return shlex.split(value)
+    except ValueError as e:  # e.g. an unclosed quote
+        raise UserError(f"--{model_type}_args {value!r}: {e}") from None
+
+
+def train_args(args, model_type, num_iterations=1):
+    """The parsed diffusion_train flags of one run, or one UserError for --{model_type}_args: flags that
+    diffusion_train does not take, bad values, or flags that compare sets itself (COMPARE_SETS)."""
+    flag, value = f"--{model_type}_args", getattr(args, f"{model_type}_args")
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):  # argparse writes what is wrong, then exits
+            refused = sorted(flags_set(model_type, extra_argv(args, model_type)) & COMPARE_SETS)
+            if refused:
+                raise UserError(f"{flag} sets {', '.join('--' + f for f in refused)}, which compare sets itself (with "
+                                f"its own flags of the same name, or from the budget and --out_dir)")
+            return trainer.get_args(train_argv(args, model_type, num_iterations))
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise UserError(f"{flag} {value!r}: {message}") from None
+
+
+def flags_set(model_type, argv):
+    """The diffusion_train flags (their names) that argv sets, abbreviated or as --flag=value too."""
+    parser = trainer.train_parser(model_type)
+    unset = object()
+    parser.set_defaults(**{name: unset for name in vars(parser.parse_known_args([])[0])})
+    return {name for name, v in vars(parser.parse_known_args(argv)[0]).items() if v is not unset}
 
 
 def make_plan(args, device):
     """Training FLOPs per token of both models, tokens per step, the FLOPs budget and each model's steps."""
-    try:
-        targs = {m: trainer.get_args(train_argv(args, m, 1)) for m in ("gpt", "diffusion")}
-    except SystemExit:  # argparse has printed what is wrong
-        raise UserError(f"--diffusion_args {args.diffusion_args!r} / --gpt_args {args.gpt_args!r}: "
-                        f"not valid scripts.diffusion_train flags") from None
-    for a in targs.values():
-        trainer.check_args(a)
+    targs = {m: train_args(args, m) for m in ("gpt", "diffusion")}
     tokenizer = trainer.prepare_data_and_tokenizer(targs["gpt"], 0, False)  # trains one if missing
     vocab = tokenizer.get_vocab_size()
-    models = {m: MODEL_TYPES[m][1](trainer.model_config(a, vocab)) for m, a in targs.items()}
+    configs = {m: trainer.model_config(a, vocab) for m, a in targs.items()}
+    for m, config in configs.items():
+        trainer.check_fits(targs[m], config, device)
+    models = {m: MODEL_TYPES[m][1](config) for m, config in configs.items()}
     T = args.max_seq_len
     flops_per_token = {m: model.flops_per_token(T) for m, model in models.items()}
     tokens_per_step = args.total_batch_size if args.total_batch_size > 0 else args.device_batch_size * T
@@ -159,23 +212,28 @@ def final_checkpoint(args, model_type, plan):
 
 
 def can_reuse(args, model_type, plan):
-    """Whether this model's run in --out_dir is complete, with its best checkpoint, and was trained with the very
-    flags that this comparison would give it."""
+    """Whether this model's run in --out_dir is complete and intact, with its best checkpoint, and was trained with
+    the very flags that this comparison would give it."""
     path = final_checkpoint(args, model_type, plan)
-    if not (os.path.isfile(path) and os.path.isfile(state_path(path, 0))):
-        return False
-    wanted = vars(trainer.get_args(train_argv(args, model_type, plan["num_iterations"][model_type])))
-    if read_checkpoint(path)["meta"].get("args") != wanted:
-        return False
-    best = min(torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]["eval"], key=lambda e: e["val_bpb"])
     best_file = best_path(os.path.join(args.out_dir, model_type), model_type)
-    return os.path.isfile(best_file) and read_checkpoint(best_file)["step"] == best["step"]  # not overwritten since
+    if not all(os.path.isfile(f) for f in (path, state_path(path, 0), best_file)):
+        return False
+    try:
+        ckpt, state, best_ckpt = read_checkpoint(path), read_state(state_path(path, 0)), read_checkpoint(best_file)
+    except UserError as e:
+        print(f"{model_type}: {e}; training it again")
+        return False
+    if ckpt["meta"].get("args") != vars(train_args(args, model_type, plan["num_iterations"][model_type])):
+        return False
+    best = min(state["history"]["eval"], key=lambda e: e["val_bpb"])
+    run_ids = {ckpt["meta"].get("run_id"), state.get("run_id"), best_ckpt["meta"].get("run_id")}
+    return len(run_ids) == 1 and best_ckpt["step"] == best["step"]  # one run, its best not overwritten since
 
 
 def read_run(args, model_type, plan, device, peak):
     """(model at its best validation point, training results): evaluations, final and best bpb, tokens/s, MFU."""
     path = final_checkpoint(args, model_type, plan)
-    history = torch.load(state_path(path, 0), map_location="cpu", weights_only=True)["history"]
+    history = read_state(state_path(path, 0))["history"]
     final = history["eval"][-1]
     best = min(history["eval"], key=lambda e: e["val_bpb"])  # a small corpus: the GPT can overfit before the end
     best_file = best_path(os.path.join(args.out_dir, model_type), model_type)
@@ -233,7 +291,7 @@ def ngram_models(args, tokenizer, device):
     while loader.epoch == 0 and len(rows) * args.max_seq_len < NGRAM_TOKENS:
         rows.append(next(loader))
     rows, vocab = torch.cat(rows), tokenizer.get_vocab_size()
-    val = trainer.validation_batches(trainer.get_args(train_argv(args, "gpt", 1)), tokenizer, 0, 1, device)
+    val = trainer.validation_batches(train_args(args, "gpt"), tokenizer, 0, 1, device)
     models = {name: NGram.fit(rows, order, vocab) for name, order in (("unigram", 1), ("bigram", 2))}
     token_bytes = tokenizer.token_bytes(device)
     scores = {name: dict(evaluate_bpb(m, val, token_bytes), mix=m.mix) for name, m in models.items()}

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from nanochat.checkpoint import load_model  # noqa: E402
-from nanochat.common import UserError, compute_init, run_main  # noqa: E402
+from nanochat.common import UserError, check_seed, check_writable, compute_init, get_base_dir, run_main  # noqa: E402
 from nanochat.diffusion_roberta import (  # noqa: E402
     SCHEDULES, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, alpha_sigma,
 )
@@ -47,7 +47,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--checkpoint", default=None, help="a trained diffusion model file (default: a fresh small model)")
-    a("--out_dir", default=".", help="where the schedule plot diffusion_demo_schedule.png goes")
+    a("--out_dir", default=None, help="where the schedule plot diffusion_demo_schedule.png goes (default: $NANOCHAT_BASE_DIR/demo)")
     a("--train_steps", type=int, default=200, help="extra training steps on the paragraph without --checkpoint (at most)")
     a("--train_seconds", type=float, default=15.0, help="time limit for those steps")
     a("--num_steps", type=int, default=50, help="denoising steps in step 4")
@@ -59,8 +59,10 @@ def get_args(argv=None):
 def check_args(args):
     if args.num_steps < 1:
         raise UserError(f"--num_steps must be >= 1, got {args.num_steps}")
-    if args.train_steps < 0 or args.train_seconds < 0:
-        raise UserError("--train_steps and --train_seconds must be >= 0")
+    if args.train_steps < 0 or not 0 <= args.train_seconds < float("inf"):
+        raise UserError("--train_steps and --train_seconds must be >= 0 (and finite)")
+    check_seed(args.seed)
+    check_writable(args.out_dir, "--out_dir")
 
 
 def header(title):
@@ -212,6 +214,7 @@ def demo_tokenizer():
 
 def main(argv=None):
     args = get_args(argv)
+    args.out_dir = args.out_dir or os.path.join(get_base_dir(), "demo")
     check_args(args)
     t_start = time.time()
     _, _, _, _, device = compute_init(args.device_type)

@@ -26,7 +26,7 @@ import time
 import torch
 
 from nanochat.checkpoint import load_model
-from nanochat.common import UserError, autocast_for, compute_init, finite, fmt, peak_flops, run_main, sync
+from nanochat.common import UserError, autocast_for, check_seed, check_writable, compute_init, finite, fmt, peak_flops, run_main, sync
 from nanochat.dataloader import DataLoader
 from nanochat.evaluate import evaluate_bpb, evaluate_loss, unigram_log_prior
 from nanochat.sample_quality import load_judge, sample_quality
@@ -66,6 +66,9 @@ def check_args(args):
         raise UserError(f"--bound_samples must be >= 1, got {args.bound_samples}")
     if args.sample_len is not None and args.sample_len < 2:
         raise UserError(f"--sample_len must be >= 2 (BOS + at least one token), got {args.sample_len}")
+    check_seed(args.seed)
+    if args.output:
+        check_writable(args.output, "--output", kind="file")
 
 
 def val_batches(tokenizer, args, seq_len, device):

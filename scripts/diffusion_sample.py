@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from nanochat.checkpoint import load_model
-from nanochat.common import UserError, autocast_for, compute_init, run_main
+from nanochat.common import UserError, autocast_for, check_seed, check_writable, compute_init, run_main
 from nanochat.sampling import add_sampler_args, build_infill, decode, generate, parse_infill, progress_total, sampler_options, sampler_settings
 
 
@@ -53,6 +53,9 @@ def check_args(args):
         raise UserError("use --prompt or --infill, not both")
     if args.infill is not None:
         parse_infill(args.infill)
+    check_seed(args.seed)
+    if args.output:
+        check_writable(args.output, "--output", kind="file")
 
 
 def plan(args, tokenizer, model):

@@ -7,7 +7,9 @@ Train the diffusion language model (or, with --model gpt, the autoregressive bas
 
 The loop lives in nanochat/train.py (scripts.compare runs the same one). Every field of the model's config is a
 flag of the same name (--model gpt --help lists the GPT's). A resumed run (--resume) continues exactly where it
-stopped; Ctrl-C finishes the current step, saves a checkpoint and exits (code 130).
+stopped, from the newest intact checkpoint; a fresh run refuses a --checkpoint_dir that holds checkpoints of the
+same model (--overwrite deletes them). Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and exits
+(code 130 / 143). --keep_last N keeps the N newest step checkpoints (and always {model}_best.pt).
 """
 
 from nanochat.common import run_main

@@ -8,7 +8,7 @@ import argparse
 import os
 import time
 
-from nanochat.common import get_base_dir, run_main
+from nanochat.common import check_writable, get_base_dir, run_main
 from nanochat.dataset import parquets_iter_batched, split_files, text_iterator
 from nanochat.tokenizer import Tokenizer
 
@@ -29,8 +29,9 @@ def main():
     parser.add_argument("--data_dir", type=str, default=None, help="parquet shards (default: $NANOCHAT_BASE_DIR/base_data)")
     parser.add_argument("--tokenizer_dir", type=str, default=None, help="output (default: $NANOCHAT_BASE_DIR/tokenizer)")
     args = parser.parse_args()
-    split_files("val", args.data_dir)  # fail fast on a bad data dir
     tokenizer_dir = args.tokenizer_dir or os.path.join(get_base_dir(), "tokenizer")
+    check_writable(tokenizer_dir, "--tokenizer_dir")
+    split_files("val", args.data_dir)  # fail fast on a bad data dir
 
     t0 = time.time()
     tokenizer = Tokenizer.train_from_iterator(text_iterator(args.data_dir, args.max_chars, args.doc_cap), args.vocab_size)

@@ -156,7 +156,7 @@ def test_demo_commands_run(tmp_path):
         p = subprocess.run([sys.executable, "-m", "scripts.diffusion_demo", *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-3000:]
-        assert "final sample" in p.stdout and (tmp_path / "diffusion_demo_schedule.png").is_file()
+        assert "final sample" in p.stdout and (tmp_path / "base" / "demo" / "diffusion_demo_schedule.png").is_file()
 
 
 def test_readme_quick_start_matches_ci_and_files():

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat.common import DummyWandb, UserError, compute_init, init_wandb, peak_flops, run_main
+from nanochat.common import DummyWandb, UserError, check_writable, compute_init, init_wandb, peak_flops, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import (MAX_SHARD, download, from_text, list_parquet_files, list_row_groups,
-                              parquets_iter_batched, read_row_group, shard_name)
+                              parquets_iter_batched, read_row_group, shard_name, text_iterator)
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +56,22 @@ def test_run_main_user_error(capsys):
         run_main(bad)
     assert e.value.code == 1
     assert capsys.readouterr().err == "error: something is wrong; run: python -m scripts.fix\n"
+
+
+def test_check_writable_names_the_flag(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("in the way")
+    check_writable(tmp_path / "new" / "deeper", "--out_dir")  # missing folders are fine: they will be made
+    check_writable(tmp_path / "new.json", "--output", kind="file")
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # and nothing was made by checking
+    with pytest.raises(UserError, match=r"^--out_dir .*/file/sub: .*/file is a file, not a folder"):
+        check_writable(tmp_path / "file" / "sub", "--out_dir")
+    with pytest.raises(UserError, match=r"^--tokenizer_dir .*/file: .*/file is a file, not a folder"):
+        check_writable(tmp_path / "file", "--tokenizer_dir")
+    with pytest.raises(UserError, match=r"^--output .* is a folder; give the name of a file"):
+        check_writable(tmp_path, "--output", kind="file")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only (root writes anywhere: simulated)
+    with pytest.raises(UserError, match=r"^--checkpoint_dir .*/ckpt is not writable"):
+        check_writable(tmp_path / "ckpt", "--checkpoint_dir")
 
 
 def test_compute_init_wandb_flops():
@@ -151,9 +167,23 @@ def test_dataset_errors(tmp_path):
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "shard_00001.parquet")
     with pytest.raises(UserError, match="no 'text' column"):
         list(parquets_iter_batched("val", tmp_path))
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "shard_00001.parquet")
+    with pytest.raises(UserError, match=r"shard_00001.parquet: its 'text' column holds int64, not strings"):
+        list(parquets_iter_batched("val", tmp_path))
     (tmp_path / "shard_00001.parquet").write_bytes(b"this is not parquet")
     with pytest.raises(UserError, match="not a valid parquet"):
         list(parquets_iter_batched("val", tmp_path))
+
+
+def test_an_empty_train_split_trains_no_tokenizer(tmp_path):
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "shard_00000.parquet")
+    pq.write_table(pa.table({"text": ["some validation text"]}), tmp_path / "shard_00001.parquet")
+    with pytest.raises(UserError, match=r"the train split of .* holds no text"):
+        Tokenizer.train_from_iterator(text_iterator(tmp_path, 10**6, 1000), 300)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "scripts.tok_train", "--vocab_size", "300", "--data_dir", str(tmp_path),
+                        "--tokenizer_dir", str(tmp_path / "tok")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("error: the train split of") and not (tmp_path / "tok").exists(), p.stderr
 
 
 def test_from_text(tmp_path):
@@ -367,3 +397,6 @@ def test_tok_train_cli(tiny_data_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "val bytes/token" in p.stdout
     assert Tokenizer.from_directory(tmp_path / "tok").get_vocab_size() == 300
+    (tmp_path / "file").write_text("in the way")
+    p = subprocess.run(cmd[:-1] + [str(tmp_path / "file" / "tok")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("error: --tokenizer_dir") and "is a file" in p.stderr, p.stderr

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,8 +132,10 @@ def test_generative_nll_and_judge_identity(tiny_tokenizer, tmp_path):
 
 def test_parse_infill():
     assert parse_infill("a [BLANK:3] b[BLANK:1]") == ["a ", 3, " b", 1]
-    for bad, msg in [("no gap here", "no gap"), ("x [BLANK:0] y", "at least one"), ("x [BLANK:] [BLANK:2]", "malformed")]:
-        with pytest.raises(UserError, match=msg):
+    for bad, msg in [("no gap here", "no gap"), ("x [BLANK:0] y", "at least one"), ("x [BLANK:] [BLANK:2]", "malformed"),
+                     ("[BLANK:-3]", "malformed gap marker '[BLANK:-3]'"), ("a [BLANK:] b", "malformed gap marker '[BLANK:]'"),
+                     ("a [BLANK: 3] b", "malformed gap marker '[BLANK: 3]'"), ("a [BLANK:4", "malformed gap marker '[BLANK:4'")]:
+        with pytest.raises(UserError, match=re.escape(msg)):
             parse_infill(bad)
 
 
@@ -277,11 +280,13 @@ def test_eval_verbatim_small_split_and_gpt(ckpts, tmp_path, capsys):
 
 
 def test_demo_cli(tmp_path):
-    """No checkpoint and no tokenizer: trains a tiny BPE in-process, writes the PNG, prints all four steps."""
+    """No checkpoint and no tokenizer: trains a tiny BPE in-process, writes the PNG (into $NANOCHAT_BASE_DIR/demo,
+    not the current folder), prints all four steps."""
     p = run_cli("scripts.diffusion_demo", "--train_steps", 3, "--num_steps", 6, cwd=tmp_path,
                 env={"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
-    png = tmp_path / "diffusion_demo_schedule.png"
+    png = tmp_path / "base" / "demo" / "diffusion_demo_schedule.png"
+    assert not (tmp_path / "diffusion_demo_schedule.png").exists()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in p.stdout
     for marker in ("1. Noise schedules", "c = cosine", "2. Forward diffusion", "3. Training", "loss before",
                    "4. Reverse diffusion", "step    6/6", "final sample", "vocab 300"):
@@ -329,6 +334,10 @@ SAMPLE_BAD = [
     ({"--infill": "there is no gap here"}, "no gap"),
     ({"--infill": "x[BLANK:40]y"}, "longer than"),
     ({"--prompt": "a", "--infill": "b[BLANK:2]"}, "not both"),
+    ({"--infill": "x [BLANK:-3] y"}, "malformed gap marker '[BLANK:-3]'"),
+    ({"--seed": str(2**63)}, "--seed must be an integer in 0..2**63-1"),
+    ({"--output": "{bad}/notckpt.pt/samples.jsonl"}, "notckpt.pt is a file, not a folder"),
+    ({"--output": "{bad}"}, "is a folder; give the name of a file"),
 ]
 
 
@@ -354,6 +363,10 @@ def test_sample_bad_input(ckpts, bad_files, capsys, overrides, message):
     (["--judge", "{bad}/missing.pt"], "no checkpoint"),
     (["--judge", "{diffusion}"], "needs a gpt checkpoint"),
     (["--data_dir", "{bad}/nodata"], "does not exist"),
+    (["--temperature", "inf"], "temperature must be finite and > 0"),
+    (["--noise_scale", "inf"], "noise_scale must be finite and >= 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..2**63-1"),
+    (["--output", "{bad}/notckpt.pt/eval.json"], "--output"),
 ])
 def test_eval_bad_input(ckpts, bad_files, capsys, extra, message):
     argv = ["--checkpoint", str(ckpts["diffusion"]), "--data_dir", str(bad_files)] + extra
@@ -373,6 +386,7 @@ def test_eval_bad_input(ckpts, bad_files, capsys, extra, message):
     ("scripts.diffusion_eval", ["--checkpoint", "{gpt}", "--bound_samples", "4"], "has no likelihood bound"),
     ("scripts.diffusion_eval", ["--checkpoint", "{bad}/oldformat.pt"], "another version of this code"),
     ("scripts.diffusion_demo", ["--checkpoint", "{gpt}"], "needs a diffusion checkpoint"),
+    ("scripts.diffusion_demo", ["--out_dir", "{bad}/notckpt.pt/plots"], "--out_dir"),
 ])
 def test_cli_bad_input(ckpts, bad_files, tmp_path, module, args, message):
     """The same through the real command line: exit status 1, one line, no traceback."""

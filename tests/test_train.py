@@ -3,6 +3,7 @@
 Runs in-process (nanochat.train.main, the loop behind scripts.diffusion_train) where it can, in a subprocess where
 the process itself matters."""
 import contextlib
+import errno
 import glob
 import io
 import os
@@ -20,6 +21,7 @@ import torch
 from nanochat.checkpoint import find_latest, load_model, state_path
 from nanochat.common import UserError
 from nanochat.diffusion_roberta import DiffusionRoBERTa
+from nanochat.muon import Muon
 from nanochat import train as trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +101,41 @@ def test_seed_command_lines_and_flags_parse():
         trainer.get_args(["--model", "gpt", "--embed_dim", "16"])
     with pytest.raises(UserError, match="objective must be one of"):
         trainer.check_args(trainer.get_args(["--objective", "x0"]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--final_lr_frac", "nan"], "--final_lr_frac must be finite and in [0, 1], got nan"),
+    (["--matrix_lr", "nan"], "--matrix_lr must be finite and >= 0"),
+    (["--head_lr", "-0.1"], "--head_lr must be finite and >= 0"),
+    (["--grad_clip", "inf"], "--grad_clip must be finite and >= 0"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio must be finite and in [0, 1]"),
+    (["--warmup_ratio", "0.6", "--warmdown_ratio", "0.6"], "at most 1"),
+    (["--seed", str(2**63)], "--seed must be an integer in 0..2**63-1"),
+    (["--seed", "-1"], "--seed must be an integer in 0..2**63-1"),
+    (["--eval_every", "0"], "--eval_every must be >= 1 (-1 = only at the end)"),
+    (["--save_every", "-2"], "--save_every must be >= 1"),
+    (["--sample_every", "-3"], "--sample_every must be >= 1 (-1 = only at the end, 0 = never)"),
+    (["--keep_last", "-1"], "--keep_last must be >= 0"),
+    (["--total_batch_size", "0"], "--total_batch_size must be >= 1, or -1"),
+    (["--resume", "--overwrite"], "pass one of them"),
+    (["--checkpoint_dir", "{file}/ckpt"], "is a file, not a folder"),
+])
+def test_bad_training_flags_are_one_clear_error(flags, message, tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(UserError, match=re.escape(message)):
+        trainer.check_args(trainer.get_args([f.format(file=tmp_path / "file") for f in flags]))
+
+
+def test_a_model_beyond_the_device_memory_is_refused_before_allocating(monkeypatch):
+    args = trainer.get_args(["--max_seq_len", str(10**12), "--depth", "1"])
+    config = trainer.model_config(args, 512)
+    with pytest.raises(UserError, match=r"--max_seq_len 1000000000000 .* needs about .* GiB .* lower --depth or --max_seq_len"):
+        trainer.check_fits(args, config, torch.device("cpu"))
+    args = trainer.get_args(["--model", "gpt", "--depth", "2"])
+    trainer.check_fits(args, trainer.model_config(args, 512), torch.device("cpu"))  # a small one fits
+    monkeypatch.setattr(trainer, "device_memory", lambda device: 1000)
+    with pytest.raises(UserError, match=r"more than the 0.0 MiB of cpu memory"):
+        trainer.check_fits(args, trainer.model_config(args, 512), torch.device("cpu"))
 
 
 def test_indivisible_batch_is_one_clear_error(tmp_path):
@@ -208,6 +245,68 @@ def test_resume_with_another_config_or_nothing_is_a_clear_error(reference, data,
         train(*data, "--num_iterations", 6, "--checkpoint_dir", tmp_path, "--resume")
 
 
+def run_id(path):
+    return load(path)["meta"]["run_id"]
+
+
+def test_a_fresh_run_refuses_a_used_folder_unless_resumed_or_overwritten(data, tmp_path):
+    steps = ["--save_every", 1, "--checkpoint_dir", tmp_path]
+    train(*data, "--num_iterations", 2, "--seed", 1, *steps)
+    first = run_id(tmp_path / "diffusion_step_000002.pt")
+    assert load(state_path(str(tmp_path / "diffusion_step_000002.pt"), 0))["run_id"] == first
+    assert run_id(tmp_path / "diffusion_best.pt") == first
+    with pytest.raises(UserError, match="holds another diffusion run .*diffusion_best.pt.*--resume.*--overwrite"):
+        train(*data, "--num_iterations", 2, "--seed", 2, *steps)
+    train(*data, "--model", "gpt", "--num_iterations", 1, *steps)  # the other model shares the folder
+    out = train(*data, "--num_iterations", 3, "--seed", 1, *steps, "--resume")
+    assert "resumed from" in out and "diffusion_step_000002.pt at step 2" in out
+    assert run_id(tmp_path / "diffusion_step_000003.pt") == first  # a resumed run keeps its identity
+    train(*data, "--num_iterations", 1, "--seed", 2, *steps, "--overwrite")
+    names = sorted(os.listdir(tmp_path))
+    assert [n for n in names if n.startswith("diffusion_") and n.endswith(".pt")] == [
+        "diffusion_best.pt", "diffusion_step_000001.pt", "diffusion_step_000001.state_rank0.pt"]
+    assert run_id(tmp_path / "diffusion_step_000001.pt") != first
+    assert "gpt_step_000001.pt" in names  # --overwrite deletes only this model's checkpoints
+
+
+def test_keep_last_rotates_step_checkpoints(data, tmp_path):
+    train(*data, "--num_iterations", 5, "--save_every", 1, "--eval_every", 2, "--keep_last", 2, "--checkpoint_dir", tmp_path)
+    pt = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
+    assert pt == ["diffusion_best.pt", "diffusion_step_000004.pt", "diffusion_step_000004.state_rank0.pt",
+                  "diffusion_step_000005.pt", "diffusion_step_000005.state_rank0.pt"]
+    assert load(tmp_path / "diffusion_best.pt")["step"] in (0, 2, 4, 5)  # kept whatever its step
+    train(*data, "--num_iterations", 3, "--save_every", 1, "--keep_last", 0, "--checkpoint_dir", tmp_path / "all")
+    assert len(glob.glob(str(tmp_path / "all" / "diffusion_step_*.state_rank0.pt"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated state file", "truncated model file", "state file of another run"])
+def test_resume_falls_back_over_a_damaged_newest_checkpoint(damage, reference, data, tmp_path):
+    ref_dir, _ = reference
+    for f in glob.glob(str(ref_dir / "diffusion_step_*")):
+        shutil.copy(f, tmp_path)
+    newest = tmp_path / "diffusion_step_000006.pt"
+    damaged = Path(state_path(str(newest), 0)) if "state" in damage else newest
+    if damage.startswith("truncated"):
+        os.truncate(damaged, 1000)
+    else:
+        state = load(damaged)
+        torch.save({**state, "run_id": "another run"}, damaged)
+    out = train(*data, "--num_iterations", 6, "--save_every", 3, "--eval_every", 3, "--checkpoint_dir", tmp_path, "--resume")
+    assert f"note: {damaged}" in out and "falling back to the newest intact checkpoint" in out
+    assert "diffusion_step_000003.pt at step 3" in out and [int(m[0]) for m in LOG_LINE.findall(out)] == [4, 5, 6]
+    assert_same_weights(final_state(ref_dir, 6)[0]["model"], final_state(tmp_path, 6)[0]["model"], atol=1e-6)
+    assert run_id(newest) == run_id(ref_dir / "diffusion_step_000006.pt")
+
+
+def test_resume_from_another_models_checkpoint_says_what_it_is(data, tmp_path):
+    train(*data, "--model", "gpt", "--num_iterations", 1, "--checkpoint_dir", tmp_path / "gpt")
+    (tmp_path / "copy").mkdir()
+    for suffix in (".pt", ".state_rank0.pt"):
+        shutil.copy(tmp_path / "gpt" / f"gpt_step_000001{suffix}", tmp_path / "copy" / f"diffusion_step_000001{suffix}")
+    with pytest.raises(UserError, match=r"diffusion_step_000001.pt is a gpt checkpoint; this run trains a diffusion model"):
+        train(*data, "--num_iterations", 2, "--checkpoint_dir", tmp_path / "copy", "--resume")
+
+
 # --- failures ------------------------------------------------------------------------------------------
 
 class NanGrad(torch.autograd.Function):
@@ -241,6 +340,58 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(what, d
     assert all(torch.isfinite(v).all() for v in load(tmp_path / "diffusion_step_000002.pt")["model"].values())
 
 
+@pytest.mark.parametrize("poison", ["weights", "evaluation"])
+def test_non_finite_weights_or_evaluation_stop_without_a_nan_checkpoint(poison, data, tmp_path, monkeypatch):
+    muon_step, evaluate_bpb, calls = Muon.step, trainer.evaluate_bpb, []
+
+    def poisoned_update(self):  # the 3rd update (step index 2) leaves a NaN in the weights
+        muon_step(self)
+        calls.append(1)
+        if len(calls) == 3:
+            self.param_groups[0]["params"][0].data.fill_(float("nan"))
+
+    def poisoned_evaluation(model, batches, token_bytes):  # the 2nd evaluation (at step 2)
+        calls.append(1)
+        return dict(evaluate_bpb(model, batches, token_bytes), bpb=float("nan")) if len(calls) == 2 else evaluate_bpb(model, batches, token_bytes)
+
+    if poison == "weights":
+        monkeypatch.setattr(Muon, "step", poisoned_update)
+        expect = "the weights are not finite at step 3; stopping without saving them"
+    else:
+        monkeypatch.setattr(trainer, "evaluate_bpb", poisoned_evaluation)
+        expect = "the validation bpb is nan at step 2; stopping"
+    last_good = 2 if poison == "weights" else 1
+    with pytest.raises(UserError, match=f"{expect} .*diffusion_step_{last_good:06d}.pt"):
+        train(*data, "--num_iterations", 6, "--save_every", 1, "--eval_every", 2, "--checkpoint_dir", tmp_path)
+    assert find_latest(str(tmp_path), "diffusion", 1) == str(tmp_path / f"diffusion_step_{last_good:06d}.pt")
+    assert not glob.glob(str(tmp_path / f"diffusion_step_{last_good + 1:06d}*"))
+    for f in glob.glob(str(tmp_path / "diffusion_*.pt")):
+        if "state" not in f:
+            assert all(torch.isfinite(v).all() for v in load(f)["model"].values()), f
+
+
+FULL_DISK = {"state file": OSError(errno.ENOSPC, "No space left on device"),
+             "model file": RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1472 vs 1360")}
+
+
+@pytest.mark.parametrize("failing_write", FULL_DISK)
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_much_space(failing_write, data, tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def full_disk(obj, f):  # the second checkpoint's state file (3rd write) or its model file (4th), as torch.save fails
+        calls.append(1)
+        if len(calls) == (3 if failing_write == "state file" else 4):
+            Path(f).write_bytes(b"x" * 100)  # part of it was written
+            raise FULL_DISK[failing_write]
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"could not write .*diffusion_step_000002.* \((No space left on device|.*unexpected pos.*)\); it needs "
+                                        r"about \S+ MiB and .* is free in .*the last good checkpoint is .*diffusion_step_000001.pt"):
+        train(*data, "--num_iterations", 4, "--save_every", 1, "--checkpoint_dir", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["diffusion_step_000001.pt", "diffusion_step_000001.state_rank0.pt"]
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     cmd = [sys.executable, "-m", "scripts.diffusion_train", *TINY, *DIFFUSION, *data, "--num_iterations", "100000",
            "--save_every", "-1", "--checkpoint_dir", str(tmp_path)]
@@ -260,6 +411,26 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     assert find_latest(str(tmp_path), "diffusion", 1) == str(tmp_path / f"diffusion_step_{step:06d}.pt")
     ckpt, state = final_state(tmp_path, step)
     assert ckpt["step"] == step and len(state["history"]["train"]) == step
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes(data, tmp_path):
+    cmd = [sys.executable, "-m", "scripts.diffusion_train", *TINY, *DIFFUSION, *data, "--num_iterations", "100000",
+           "--save_every", "-1", "--checkpoint_dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(tmp_path))
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 00003/"):
+                break
+        proc.send_signal(signal.SIGTERM)  # as a cluster scheduler preempts a job
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err, err
+    step = int(re.search(r"terminated \(SIGTERM\) at step (\d+): saving a checkpoint", out).group(1))
+    assert find_latest(str(tmp_path), "diffusion", 1) == str(tmp_path / f"diffusion_step_{step:06d}.pt")
+    out = train(*data, "--num_iterations", step + 2, "--checkpoint_dir", tmp_path, "--resume")
+    assert f"at step {step}" in out and [int(m[0]) for m in LOG_LINE.findall(out)] == [step + 1, step + 2]
 
 
 def test_missing_or_empty_data_dir_names_the_command(tiny_tokenizer, tmp_path):
