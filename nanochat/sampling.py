@@ -12,7 +12,7 @@ Every sample starts with BOS (documents do in training), so position 0 is always
 import re
 import torch
 
-from nanochat.common import UserError
+from nanochat.common import DTYPES, UserError
 from nanochat.diffusion_roberta import SAMPLERS, DiffusionRoBERTa
 
 BLANK = re.compile(r"\[BLANK:(\d+)\]")
@@ -67,12 +67,14 @@ def add_sampler_args(parser):
     a("--score_temperature", type=float, default=None,
       help=f"diffusion: divides the predicted noise, < 1 sharpens every step (1 = the reverse process's; default {d['score_temperature']})")
     a("--clamp", action="store_const", const=True, default=None, help="diffusion: snap every x0 estimate to its nearest token embedding (Diffusion-LM)")
+    a("--compile", action="store_const", const=True, default=None, help="diffusion: torch.compile the denoiser")
+    a("--dtype", choices=DTYPES, default=None, help="bfloat16: bf16 autocast (the default on CUDA); float32 (the default elsewhere)")
 
 
 def sampler_options(args, **more):
     """The add_sampler_args flags that were given (and more, e.g. num_steps), as generate() options."""
     return {k: v for k, v in dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature,
-                                  clamp=args.clamp, **more).items() if v is not None}
+                                  clamp=args.clamp, compile=args.compile, **more).items() if v is not None}
 
 
 def sampler_settings(model_cls, temperature, options):

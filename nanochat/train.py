@@ -38,7 +38,7 @@ from nanochat.checkpoint import (
     remove_old_checkpoints, run_files, save_atomic, save_model_file, state_path,
 )
 from nanochat.common import (
-    UserError, add_config_args, autocast_for, check_seed, check_writable, compute_cleanup, compute_init,
+    DTYPES, UserError, add_config_args, autocast_for, check_seed, check_writable, compute_cleanup, compute_init,
     config_from_args, device_memory, format_bytes, get_base_dir, init_wandb, peak_flops, print0,
 )
 from nanochat.dataloader import DataLoader
@@ -92,6 +92,7 @@ def train_parser(model, description=__doc__):
     a("--run", default="dummy", help="wandb run name; 'dummy' = no wandb")
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--dtype", choices=DTYPES, default=None, help="bfloat16: bf16 autocast (the default on CUDA); float32 (the default elsewhere)")
     a("--seed", type=int, default=42)
     return p
 
@@ -323,7 +324,7 @@ def train(args, ddp, rank, world_size, device):
 
     # the model and optimisers, fresh or from the checkpoint that --resume continues
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = MODEL_TYPES[args.model][1](config).to(device)
+    model = MODEL_TYPES[args.model][1].build(config, device)  # on the meta device, then its weights on `device`
     run = Run(args, ddp, rank, world_size, device, grad_accum, tokenizer, model, setup_optimizers(model, **optimizer_rates(args)))
     if args.resume:
         progress = resume(run)
@@ -459,7 +460,7 @@ def nonfinite_error(run, progress, what, action):
 
 def print_samples(run):
     run.model.eval()
-    with autocast_for(run.device):
+    with autocast_for(run.device, run.args.dtype):
         for text in sample_texts(run.model, run.tokenizer, 2, min(64, run.args.max_seq_len), run.args.seed):
             print0(f"sample: {text!r}")
     run.model.train()
@@ -475,7 +476,7 @@ def evaluate(run, progress, val_batches, token_bytes, flops):
     model, args = run.model, run.args
     model.eval()
     torch.manual_seed(args.seed + 1000 + run.rank)  # the same noise at every evaluation: comparable curves
-    with autocast_for(run.device):
+    with autocast_for(run.device, run.args.dtype):
         val = evaluate_bpb(model, val_batches, token_bytes)
         val["loss"] = evaluate_loss(model, val_batches)
     model.train()
@@ -508,7 +509,7 @@ def optimisation_step(run, progress, train_model, loaders, slots, lrm, stop):
         torch.manual_seed(noise_seed(args.seed, progress.step, slots[m]))
         sync = nullcontext() if not run.ddp or m == run.grad_accum - 1 else train_model.no_sync()
         with sync:
-            with autocast_for(run.device):
+            with autocast_for(run.device, run.args.dtype):
                 loss = train_model(tokens)
             (loss / run.grad_accum).backward()
         stats[0] += loss.detach()
@@ -516,14 +517,15 @@ def optimisation_step(run, progress, train_model, loaders, slots, lrm, stop):
     stats[2] = float(stop.signum == signal.SIGTERM)
     if run.ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)  # every rank sees the same loss and stop decision
-    loss_sum, sigints, sigterms = stats.tolist()
+    # the gradient norm (the same on every rank) is read back with the loss and the stops: one host sync per step
+    no_clip = torch.zeros((), device=run.device)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip > 0 else no_clip
+    loss_sum, sigints, sigterms, grad_norm = torch.cat([stats, grad_norm.reshape(1).to(stats.dtype)]).tolist()
     train_loss = loss_sum / (run.grad_accum * run.world_size)
     if not math.isfinite(train_loss):
         raise nonfinite_error(run, progress, f"the training loss is {train_loss}", "stopping before the update")
-    if args.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        if not math.isfinite(grad_norm):
-            raise nonfinite_error(run, progress, f"the gradient norm is {grad_norm}", "stopping before the update")
+    if not math.isfinite(grad_norm):
+        raise nonfinite_error(run, progress, f"the gradient norm is {grad_norm}", "stopping before the update")
     for opt in run.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -574,12 +576,12 @@ def barrier(run):
         dist.barrier()
 
 
-def training_step(model, tokens, compile=False):
+def training_step(model, tokens, compile=False, dtype=None):
     """A function doing one real training step of model on tokens (forward, backward, clipping, AdamW / Muon
     update at the model's default rates), for timing: scripts.bench and the --minutes budget of scripts.compare."""
     optimizers = setup_optimizers(model)
     forward = torch.compile(model) if compile else model
-    autocast = autocast_for(tokens.device)
+    autocast = autocast_for(tokens.device, dtype)
     model.train()
 
     def step():

@@ -59,7 +59,7 @@ NGRAM_TOKENS = 2**22  # training tokens (at most one pass) counted by the unigra
 # batch, data, seed and device for both, the steps and evaluations from the budget, the checkpoints in --out_dir
 COMPARE_SETS = {"model", "depth", "max_seq_len", "device_batch_size", "total_batch_size", "data_dir", "tokenizer_dir",
                 "eval_tokens", "num_iterations", "eval_every", "sample_every", "save_every", "checkpoint_dir", "resume",
-                "overwrite", "seed", "device_type", "compile"}
+                "overwrite", "seed", "device_type", "compile", "dtype"}
 
 
 def number_list(cast):
@@ -92,7 +92,6 @@ def get_args(argv=None):
     a("--sample_batch_size", type=int, default=None, help="samples per generate() call (default: all at once)")
     a("--num_show", type=int, default=3, help="decoded samples per setting in the report")
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
-    a("--compile", action="store_true", help="torch.compile both models for training")
     a("--seed", type=int, default=42)
     a("--reuse", action="store_true", help="keep a model's finished run in --out_dir if it had the same flags")
     add_sampler_args(p)
@@ -143,7 +142,8 @@ def train_argv(args, model_type, num_iterations):
     for flag in ("data_dir", "tokenizer_dir", "eval_tokens"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", getattr(args, flag)]
-    argv += ["--compile"] if args.compile else []
+    argv += ["--compile"] if args.compile else []  # (add_sampler_args' flag: both models' training, the denoiser)
+    argv += ["--dtype", args.dtype] if args.dtype else []
     return [str(x) for x in argv] + extra_argv(args, model_type)
 
 
@@ -199,7 +199,7 @@ def make_plan(args, device):
     else:  # the GPT's training FLOP/s on this device, from a few real steps of one micro-batch
         gpt = models["gpt"].to(device)
         tokens = torch.randint(0, vocab, (args.device_batch_size, T), device=device)
-        step_s = median_times({"gpt": trainer.training_step(gpt, tokens, args.compile)}, 5, 2, device)["gpt"]
+        step_s = median_times({"gpt": trainer.training_step(gpt, tokens, args.compile, args.dtype)}, 5, 2, device)["gpt"]
         plan["gpt_flops_per_s"] = flops_per_token["gpt"] * tokens.numel() / step_s
         plan["budget_flops"] = plan["gpt_flops_per_s"] * args.minutes * 60
         print(f"GPT training: {plan['gpt_flops_per_s']:.3e} FLOP/s -> {args.minutes} minutes = {plan['budget_flops']:.3e} FLOPs")
@@ -460,7 +460,7 @@ def main(argv=None):
     runs = {m: read_run(args, m, plan, device, peak) for m in ("gpt", "diffusion")}
     models = {m: r[0] for m, r in runs.items()}
     train = {m: r[1] for m, r in runs.items()}
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, args.dtype)
     ngrams, ngram_bpb = ngram_models(args, tokenizer, device)
     result = dict(args=vars(args), device=device_name(device), git_commit=git_commit(), peak_flops=peak, plan=plan,
                   train=train, bpb_ratio=train["diffusion"]["val_bpb"] / train["gpt"]["val_bpb"],

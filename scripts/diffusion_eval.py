@@ -181,7 +181,7 @@ def main(argv=None):
         if not hasattr(model.config, "bound_samples"):
             raise UserError(f"--bound_samples: this {model_type} checkpoint has no likelihood bound (its bits per byte are exact)")
         model.config.bound_samples = args.bound_samples
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, args.dtype)
     bos = tokenizer.get_bos_token_id()
 
     batches, exhausted = val_batches(tokenizer, args, T, device)

@@ -95,7 +95,7 @@ def main(argv=None):
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     total = progress_total(model, args.num_samples, seq_len, known, args.batch_size, args.temperature, **options)
-    with tqdm(total=total, desc="sampling", unit="step") as bar, autocast_for(device):
+    with tqdm(total=total, desc="sampling", unit="step") as bar, autocast_for(device, args.dtype):
         ids = generate(model, args.num_samples, seq_len, known, args.temperature, args.batch_size, generator, bar, **options)
 
     records = []
