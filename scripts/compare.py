@@ -1,34 +1,36 @@
 """
-Compare the diffusion model with an autoregressive GPT of the same shape, trained on the same data for the
-same compute.
+Compare the models of this project (an autoregressive GPT, the continuous diffusion model, the masked diffusion
+model) at the same shape, trained on the same data for the same compute.
 
     python -m scripts.compare --minutes 10 --depth 8 --max_seq_len 512 --device_batch_size 32
-    python -m scripts.compare --flops 2e17 --diffusion_args "--embed_dim 32 --self_cond 0"
+    python -m scripts.compare --flops 2e17 --models gpt,diffusion --diffusion_args "--embed_dim 32 --self_cond 0"
 
-Both models are trained by scripts.diffusion_train (in this process, the GPT first) with the same shape, batch,
-data and seed, each for budget / (its training FLOPs per token x tokens per step) steps. With --minutes the
-budget is what the GPT computes in that many minutes of training on this device (its FLOP/s measured over a
-few real training steps first): both models then get the same FLOPs, not the same time. --diffusion_args
-and --gpt_args are extra diffusion_train flags for one model only (e.g. the winners of an ablation).
+Every model of --models (the GPT among them: it is the judge) is trained by scripts.diffusion_train (in this
+process, the GPT first) with the same shape, batch, data and seed, each for budget / (its training FLOPs per token x
+tokens per step) steps. With --minutes the budget is what the GPT computes in that many minutes of training on this
+device (its FLOP/s measured over a few real training steps first): every model then gets the same FLOPs, not the
+same time. --gpt_args, --diffusion_args and --masked_args are extra diffusion_train flags for one model only.
 
-Then each model is taken at its best validation point (early stopping: {model}_best.pt, which on a small
-corpus is not the end of the run, where the GPT has overfit) and the GPT judges samples of both, all started
-from BOS, all num_samples x sample_len: the GPT at --gpt_temperatures, the diffusion model at every
---sample_steps x --temperatures. A judge trained here favours its own samples, and low-entropy (repetitive)
-samples get a good generative perplexity, so read the perplexity next to the unigram entropy; validation text
-gives the reference point, and samples of the training split's unigram and bigram statistics show where text with
-only those statistics lands.
+At the end of training each model is evaluated on --final_eval_tokens validation tokens (the GPT exactly, the
+diffusion models by their likelihood bounds), the figures the comparison reports; the cheaper evaluations along the
+runs draw the curves, and the best of them is a secondary column. Then the GPT judges samples of every model, all
+started from BOS, all num_samples x sample_len: the GPT at --gpt_temperatures, each diffusion model at every
+--sample_steps x --temperatures. A judge trained here favours its own samples, and low-entropy (repetitive) samples
+get a good generative perplexity, so read the perplexity next to the unigram entropy; validation text gives the
+reference point, and samples of the training split's unigram and bigram statistics show where text with only those
+statistics lands.
 
-Writes to --out_dir: compare.md (the report), compare.json (every number), bpb_vs_flops.png, frontier.png,
-and the two runs' checkpoints and training reports in gpt/ and diffusion/ (a rerun trains them afresh there).
+Writes to --out_dir: compare.md (the report), compare.json (every number), bpb_vs_flops.png, frontier.png, and each
+run's checkpoints and training report in a folder named after its model (a rerun trains them afresh there).
 Single process (one device). --reuse skips the training of a model whose run in --out_dir is finished with the
-very same flags (e.g. to rerun only the diffusion half with new --diffusion_args); a damaged run is named and
-trained again. Every flag, and every flag passed on, is checked before anything is trained.
+very same flags (e.g. to rerun only one model with new --diffusion_args); a damaged run is named and trained again.
+Every flag, and every flag passed on, is checked before anything is trained.
 """
 
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -37,6 +39,7 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+from tqdm import tqdm
 
 from nanochat import train as trainer
 from nanochat.checkpoint import MODEL_TYPES, best_path, checkpoint_path, load_model, read_checkpoint, read_state, state_path
@@ -50,13 +53,13 @@ from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg
 from nanochat.sample_quality import generative_nll, sample_quality
 from nanochat.sampling import add_sampler_args, decode, generate, sampler_options, sampler_settings
 
-# validation evaluations per run, besides the one at step 0. The GPT's best point is what the comparison reports, and
-# on a small corpus its curve jumps by ~0.1 bpb between evaluations (it overfits at a constant learning rate): it is
-# evaluated 3x as often, which costs one exact forward pass each (a diffusion evaluation costs bound_samples of them)
-EVAL_POINTS = {"gpt": 24, "diffusion": 8}
+# validation evaluations per run along the way, besides the one at step 0: the GPT's exact evaluation costs one
+# forward pass, a diffusion model's bound costs bound_samples of them, so the GPT's curve gets 3x the points
+EVAL_POINTS = {"gpt": 24}
+OTHER_EVAL_POINTS = 8
 NGRAM_TOKENS = 2**22  # training tokens (at most one pass) counted by the unigram and bigram references
-# diffusion_train flags that compare sets for both runs, refused in --diffusion_args / --gpt_args: the same shape,
-# batch, data, seed and device for both, the steps and evaluations from the budget, the checkpoints in --out_dir
+# diffusion_train flags that compare sets for every run, refused in --{model}_args: the same shape, batch, data,
+# seed and device for all, the steps and evaluations from the budget, the checkpoints in --out_dir
 COMPARE_SETS = {"model", "depth", "max_seq_len", "device_batch_size", "total_batch_size", "data_dir", "tokenizer_dir",
                 "eval_tokens", "num_iterations", "eval_every", "sample_every", "save_every", "checkpoint_dir", "resume",
                 "overwrite", "seed", "device_type", "compile", "dtype"}
@@ -71,7 +74,9 @@ def get_args(argv=None):
     a = p.add_argument
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--flops", type=float, help="training FLOPs per model")
-    budget.add_argument("--minutes", type=float, help="minutes of GPT training on this device, as a FLOPs budget for both")
+    budget.add_argument("--minutes", type=float, help="minutes of GPT training on this device, as a FLOPs budget for each")
+    a("--models", type=lambda s: [m.strip() for m in s.split(",") if m.strip()], default=list(MODEL_TYPES),
+      help=f"comma-separated, the gpt among them (the judge); default {','.join(MODEL_TYPES)}")
     # the shared shape, batch and data (as in scripts.diffusion_train)
     a("--depth", type=int, default=12)
     a("--max_seq_len", type=int, default=1024)
@@ -80,14 +85,15 @@ def get_args(argv=None):
     a("--data_dir", default=None, help="parquet shards (default: $NANOCHAT_BASE_DIR/base_data)")
     a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer")
     a("--eval_tokens", type=int, default=None, help="validation tokens per evaluation (default: diffusion_train's)")
-    a("--diffusion_args", default="", help='extra diffusion_train flags for the diffusion model, e.g. "--embed_dim 32"')
-    a("--gpt_args", default="", help='extra diffusion_train flags for the GPT, e.g. "--matrix_lr 0.03"')
+    for m in MODEL_TYPES:
+        a(f"--{m}_args", default="", help=f'extra diffusion_train flags for the {m} model, e.g. "--matrix_lr 0.01"')
+    a("--final_eval_tokens", type=int, default=2**16, help="validation tokens of the evaluation at the end of training")
     a("--out_dir", default="compare_out")
     # samples
     a("--num_samples", type=int, default=64, help="samples per setting")
     a("--sample_len", type=int, default=256, help="tokens per sample, BOS included (capped at max_seq_len)")
     a("--sample_steps", type=number_list(int), default=[8, 32, 128, 512], help="denoising step counts, comma-separated")
-    a("--temperatures", type=number_list(float), default=[1.0, 0.8, 0.6], help="diffusion sampling temperatures")
+    a("--temperatures", type=number_list(float), default=[1.0, 0.8, 0.6], help="the diffusion models' sampling temperatures")
     a("--gpt_temperatures", type=number_list(float), default=[1.0, 0.8], help="GPT sampling temperatures")
     a("--sample_batch_size", type=int, default=None, help="samples per generate() call (default: all at once)")
     a("--num_show", type=int, default=3, help="decoded samples per setting in the report")
@@ -99,11 +105,15 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    """Every flag, and the diffusion_train flags of both runs, before anything is trained."""
+    """Every flag, and the diffusion_train flags of every run, before anything is trained."""
+    unknown = sorted(set(args.models) - set(MODEL_TYPES))
+    if unknown or "gpt" not in args.models or len(set(args.models)) != len(args.models):
+        raise UserError(f"--models {','.join(args.models)}: name each of {', '.join(MODEL_TYPES)} at most once, the gpt "
+                        f"among them (it judges the samples)")
     budget = args.flops if args.flops is not None else args.minutes
     if not (math.isfinite(budget) and budget > 0):
         raise UserError(f"the budget (--flops or --minutes) must be finite and > 0, got {budget}")
-    for name in ("depth", "max_seq_len", "device_batch_size", "num_samples"):
+    for name in ("depth", "max_seq_len", "device_batch_size", "num_samples", "final_eval_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.sample_batch_size is not None and args.sample_batch_size < 1:
@@ -120,7 +130,7 @@ def check_args(args):
         sampler_settings(MODEL_TYPES[setting["model"]][1], setting["temperature"], setting["options"])
     check_seed(args.seed)
     check_writable(args.out_dir, "--out_dir")
-    for model_type in ("gpt", "diffusion"):
+    for model_type in args.models:
         targs = train_args(args, model_type)
         try:
             trainer.check_args(targs)
@@ -132,11 +142,12 @@ def check_args(args):
 # the plan: equal FLOPs
 
 def train_argv(args, model_type, num_iterations):
-    """diffusion_train flags for one run: shared shape, batch, data and seed; EVAL_POINTS[model_type] evaluations;
+    """diffusion_train flags for one run: shared shape, batch, data and seed; EVAL_POINTS of evaluations;
     its checkpoints afresh in --out_dir; then the run's own --{model_type}_args."""
     argv = ["--model", model_type, "--depth", args.depth, "--max_seq_len", args.max_seq_len,
             "--device_batch_size", args.device_batch_size, "--total_batch_size", args.total_batch_size,
-            "--num_iterations", num_iterations, "--eval_every", math.ceil(num_iterations / EVAL_POINTS[model_type]),
+            "--num_iterations", num_iterations,
+            "--eval_every", math.ceil(num_iterations / EVAL_POINTS.get(model_type, OTHER_EVAL_POINTS)),
             "--sample_every", 0, "--save_every", -1, "--checkpoint_dir", os.path.join(args.out_dir, model_type),
             "--overwrite", "--seed", args.seed, "--device_type", args.device_type]
     for flag in ("data_dir", "tokenizer_dir", "eval_tokens"):
@@ -181,8 +192,8 @@ def flags_set(model_type, argv):
 
 
 def make_plan(args, device):
-    """Training FLOPs per token of both models, tokens per step, the FLOPs budget and each model's steps."""
-    targs = {m: train_args(args, m) for m in ("gpt", "diffusion")}
+    """Training FLOPs per token of every model, tokens per step, the FLOPs budget and each model's steps."""
+    targs = {m: train_args(args, m) for m in args.models}
     tokenizer = trainer.prepare_data_and_tokenizer(targs["gpt"], 0, False)  # trains one if missing
     vocab = tokenizer.get_vocab_size()
     configs = {m: trainer.model_config(a, vocab) for m, a in targs.items()}
@@ -230,34 +241,49 @@ def can_reuse(args, model_type, plan):
     return len(run_ids) == 1 and best_ckpt["step"] == best["step"]  # one run, its best not overwritten since
 
 
-def read_run(args, model_type, plan, device, peak):
-    """(model at its best validation point, training results): evaluations, final and best bpb, tokens/s, MFU."""
+def read_run(args, model_type, plan, device, peak, tokenizer):
+    """(model at the end of training, training results): the final evaluation on --final_eval_tokens, the
+    evaluations along the run (and the best of them), tokens/s, MFU."""
     path = final_checkpoint(args, model_type, plan)
     history = read_state(state_path(path, 0))["history"]
     final = history["eval"][-1]
     best = min(history["eval"], key=lambda e: e["val_bpb"])  # a small corpus: the GPT can overfit before the end
-    best_file = best_path(os.path.join(args.out_dir, model_type), model_type)
-    model, _, best_ckpt = load_model(best_file, device, expect=model_type)
-    if best_ckpt["step"] != best["step"]:
-        raise UserError(f"{best_file} is from step {best_ckpt['step']}, the run's best is step {best['step']}: "
-                        f"it comes from another run; use a fresh --out_dir")
+    model, _, _ = load_model(path, device, expect=model_type)
     timed_steps = final["step"] - 1  # diffusion_train leaves the first (warm-up) step out of its time
     tok_per_s = plan["tokens_per_step"] * timed_steps / final["time"] if final["time"] > 0 else float("nan")
     return model, dict(checkpoint=path, num_iterations=final["step"], flops=final["flops"], train_seconds=final["time"],
-                       val_bpb=final["val_bpb"], val_bpb_stderr=final["val_bpb_stderr"], val_loss=final["val_loss"],
-                       best_val_bpb=best["val_bpb"], best_step=best["step"],
+                       final=final_evaluation(args, model, model_type, tokenizer, device), nll_kind=model.nll_kind,
+                       best_val_bpb=best["val_bpb"], best_val_bpb_stderr=best["val_bpb_stderr"], best_step=best["step"],
                        tokens_per_s=tok_per_s, mfu=plan["flops_per_token"][model_type] * tok_per_s / peak,
                        evals=history["eval"])
+
+
+def final_evaluation(args, model, model_type, tokenizer, device):
+    """Bits per byte (with its standard error) on the first --final_eval_tokens of the val split, in batches of the
+    runs' shape: the same tokens for every model (fewer if the split is smaller: the number used is reported)."""
+    loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", args.data_dir, device=device)
+    batches = list(itertools.islice(loader, max(1, args.final_eval_tokens // (args.device_batch_size * args.max_seq_len))))
+    print(f"{model_type}: final evaluation on {sum(b.numel() for b in batches):,} validation tokens")
+    torch.manual_seed(args.seed)
+    with autocast_for(device, args.dtype):
+        return evaluate_bpb(model, tqdm(batches, desc=f"{model_type} final evaluation", unit="batch"), tokenizer.token_bytes(device))
 
 
 # -----------------------------------------------------------------------------
 # samples
 
 def sample_settings(args):
-    """Every (model, temperature, generate() options) to sample, with its label."""
-    settings = [dict(model="gpt", steps=None, temperature=t, options={}, label=f"GPT T={t}") for t in args.gpt_temperatures]
-    return settings + [dict(model="diffusion", steps=s, temperature=t, options=sampler_options(args, num_steps=s),
-                            label=f"diffusion {s} steps T={t}") for s in args.sample_steps for t in args.temperatures]
+    """Every (model, temperature, generate() options) to sample, with its label: each model that takes steps at every
+    --sample_steps x --temperatures, the GPT at --gpt_temperatures."""
+    settings = []
+    for m in args.models:
+        if "num_steps" in MODEL_TYPES[m][1].sampler_defaults:
+            settings += [dict(model=m, steps=s, temperature=t, options=sampler_options(args, num_steps=s),
+                              label=f"{m} {s} steps T={t}") for s in args.sample_steps for t in args.temperatures]
+        else:
+            settings += [dict(model=m, steps=None, temperature=t, options={}, label=f"{m.upper()} T={t}")
+                         for t in args.gpt_temperatures]
+    return settings
 
 
 def run_setting(models, setting, args, num_samples, sample_len, bos, device, autocast):
@@ -331,12 +357,12 @@ def evaluate_samples(args, models, ngrams, tokenizer, device, autocast):
     for r in results + references:
         r["nll_ratio"] = r["gen_nll"] / gpt_ref["gen_nll"]
         r["entropy_ratio"] = r["unigram_entropy_nats"] / gpt_ref["unigram_entropy_nats"]
-    diffusion = models["diffusion"]
-    options = sampler_settings(type(diffusion), 1.0, sampler_options(args))
-    options.pop("num_steps")  # each setting has its own
     steps = "/".join(str(s) for s in args.sample_steps)
-    return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out,
-                sampler=diffusion.describe_sampler({**options, "num_steps": steps}), sampler_options=options,
+    samplers = {}
+    for m, model in models.items():  # how each model sampled, its step counts aside
+        options = sampler_settings(type(model), 1.0, {k: v for k, v in sampler_options(args).items() if k in model.sampler_defaults})
+        samplers[m] = model.describe_sampler({**options, "num_steps": steps}) if "num_steps" in options else model.describe_sampler(options)
+    return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out, samplers=samplers,
                 ratios_relative_to=gpt_ref["label"], settings=results, references=references)
 
 
@@ -347,8 +373,8 @@ def plot_bpb(train, ngram, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (name, score), style in zip(ngram.items(), (":", "--")):
         ax.axhline(score["bpb"], color="gray", linestyle=style, label=f"{name} counts of the training split")
-    for model_type, label in (("gpt", "GPT (exact)"), ("diffusion", "diffusion (upper bound)")):
-        evals = train[model_type]["evals"]
+    for model_type, t in train.items():
+        label, evals = f"{model_type} ({t['nll_kind']})", t["evals"]
         ax.errorbar([e["flops"] for e in evals], [e["val_bpb"] for e in evals], yerr=[e["val_bpb_stderr"] for e in evals],
                     marker="o", capsize=3, label=label)
     ax.set(xlabel="training FLOPs", ylabel="validation bits per byte", title="validation bits per byte vs training compute")
@@ -361,14 +387,14 @@ def plot_bpb(train, ngram, path):
 def plot_frontier(samples, path):
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for r in samples["settings"] + samples["references"]:
-        style = {"gpt": "s", "diffusion": "o", "ngram": "x"}.get(r.get("model"), "*")
-        color = {"gpt": "tab:blue", "diffusion": "tab:orange", "ngram": "tab:gray"}.get(r.get("model"), "black")
+        style = {"gpt": "s", "diffusion": "o", "masked": "D", "ngram": "x"}.get(r.get("model"), "*")
+        color = {"gpt": "tab:blue", "diffusion": "tab:orange", "masked": "tab:green", "ngram": "tab:gray"}.get(r.get("model"), "black")
         ax.scatter(r["unigram_entropy_nats"], r["gen_ppl"], marker=style, color=color, s=120 if style == "*" else 40)
-        ax.annotate(r["label"].replace("diffusion ", "").replace(" steps", "s"), (r["unigram_entropy_nats"], r["gen_ppl"]),
+        ax.annotate(r["label"].replace(" steps", "s"), (r["unigram_entropy_nats"], r["gen_ppl"]),
                     fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.set(xlabel="unigram entropy per sample (nats)", ylabel="generative perplexity (GPT judge)",
-           title="samples: generative perplexity vs entropy\n(GPT squares, diffusion circles, n-gram crosses, text star)")
+           title="samples: generative perplexity vs entropy\n(GPT squares, diffusion circles, masked diamonds, n-gram crosses, text star)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -377,24 +403,26 @@ def plot_frontier(samples, path):
 def tables(result):
     """The report's tables as markdown lines (also printed as the final summary)."""
     train, plan = result["train"], result["plan"]
-    lines = ["| model | params | FLOPs/token | steps | training FLOPs | val bpb | best val bpb (step) | tokens/s | MFU | training time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for m, kind in (("gpt", "exact"), ("diffusion", "bound")):
-        t = train[m]
+    lines = ["| model | params | FLOPs/token | steps | training FLOPs | val bpb at the end | / GPT's | best along the run (step) "
+             "| tokens/s | MFU | training time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, t in train.items():
+        f = t["final"]
         lines.append(f"| {m} | {plan['num_params'][m]:,} | {plan['flops_per_token'][m]:.3e} | {t['num_iterations']} | "
-                     f"{t['flops']:.3e} | {fmt(t['val_bpb'])} ± {fmt(t['val_bpb_stderr'])} ({kind}) | "
-                     f"{fmt(t['best_val_bpb'])} ({t['best_step']}) | "
-                     f"{fmt(t['tokens_per_s'], ',.0f')} | {fmt(100 * t['mfu'], '.2f')}% | {t['train_seconds']:.1f}s |")
-    lines += ["", f"**diffusion bpb / GPT bpb = {fmt(result['bpb_ratio'], '.3f')}** at the end of training; "
-              f"{fmt(result['best_bpb_ratio'], '.3f')} between the best values along the runs (the end value flatters "
-              "the diffusion model when the GPT overfits)", "",
+                     f"{t['flops']:.3e} | {fmt(f['bpb'])} ± {fmt(f['stderr'])} ({t['nll_kind']}) | "
+                     f"{fmt(result['bpb_ratio'][m], '.3f')} | {fmt(t['best_val_bpb'])} ± {fmt(t['best_val_bpb_stderr'])} "
+                     f"({t['best_step']}) | {fmt(t['tokens_per_s'], ',.0f')} | {fmt(100 * t['mfu'], '.2f')}% | {t['train_seconds']:.1f}s |")
+    lines += ["", f"Bits per byte at the end of training on {train['gpt']['final']['tokens']:,} validation tokens (the same "
+              "for every model); the best along the run comes from the cheaper evaluations of the curves (a best-of-many "
+              "pick flatters the model evaluated most often).", "",
               "Count-based references on the same validation tokens: " + ", ".join(
                   f"{name} {fmt(v['bpb'])} ± {fmt(v['stderr'])} bpb" for name, v in result["ngram"].items())
               + f" (bigram interpolated with the unigram, weight {result['ngram']['bigram']['mix']:.1f} chosen on held-out "
               "training text)", ""]
     s = result["samples"]
     lines += [f"Samples: {s['num_samples']} x {s['sample_len']} tokens per setting (from BOS, {s['output_tokens']:,} "
-              f"output tokens), diffusion sampler {s['sampler']}; ratios relative to {s['ratios_relative_to']}.", "",
+              f"output tokens), sampled with " + "; ".join(f"{m}: {how}" for m, how in s["samplers"].items())
+              + f"; ratios relative to {s['ratios_relative_to']}.", "",
               "| setting | gen ppl | gen NLL | NLL ratio | unigram entropy | entropy ratio | distinct-2 | repetition (4-gram) "
               "| sampling seconds | tokens/s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -411,23 +439,22 @@ def write_markdown(result, path):
     budget = (f"{plan['budget_flops']:.3e} training FLOPs per model" + (
         f" (= {result['args']['minutes']} minutes of GPT training at its measured {plan['gpt_flops_per_s']:.3e} FLOP/s)"
         if plan["gpt_flops_per_s"] else ""))
-    shown = [r for r in s["settings"] if r["model"] == "gpt"][:1] + [r for r in s["settings"] if r["model"] == "diffusion"
-                                                                      and r["steps"] == max(result["args"]["sample_steps"])][:1]
+    most_steps = max(result["args"]["sample_steps"])
+    shown = list({r["model"]: r for r in reversed(s["settings"]) if r["steps"] in (None, most_steps)}.values())[::-1]
     lines = [
-        "# Diffusion vs GPT at equal training compute", "",
+        f"# {', '.join(result['args']['models'])} at equal training compute", "",
         f"- device: {result['device']}, git commit {result['git_commit']}",
         f"- shape: depth {result['args']['depth']}, max_seq_len {result['args']['max_seq_len']}, "
         f"{plan['tokens_per_step']:,} tokens per step; same data and seed",
         f"- budget: {budget}",
-        f"- diffusion_args: `{result['args']['diffusion_args'] or '(none)'}`, "
-        f"gpt_args: `{result['args']['gpt_args'] or '(none)'}`", "",
+        "- " + ", ".join(f"{m}_args: `{result['args'][m + '_args'] or '(none)'}`" for m in result["args"]["models"]), "",
         "## Validation bits per byte vs training compute", "",
-        "The GPT's value is exact; the diffusion model's is an upper bound (the likelihood bound).", "",
+        "The GPT's value is exact; a diffusion model's is an upper bound (its likelihood bound).", "",
         "![bpb](bpb_vs_flops.png)", "",
         *tables(result), "",
         "## Sample quality: generative perplexity vs unigram entropy", "",
-        "Both models are sampled at their best validation step (early stopping). The judge is the GPT trained here, "
-        "at its best step: it favours its own samples, and repetitive (low-entropy) samples get a low perplexity, so "
+        "Every model is sampled at the end of its training. The judge is the GPT trained here, at the end of its "
+        "training: it favours its own samples, and repetitive (low-entropy) samples get a low perplexity, so "
         "compare settings at similar entropy. The validation text is the reference point; samples of the training "
         "split's unigram and bigram statistics show where text with only those statistics lands.", "",
         "![frontier](frontier.png)", "",
@@ -447,24 +474,24 @@ def main(argv=None):
     _, _, _, _, device = compute_init(args.device_type)
     os.makedirs(args.out_dir, exist_ok=True)
     plan, tokenizer = make_plan(args, device)
-    for m in ("gpt", "diffusion"):
+    for m in args.models:
         print(f"{m}: {plan['num_iterations'][m]} steps x {plan['tokens_per_step']:,} tokens x "
               f"{plan['flops_per_token'][m]:.3e} FLOPs/token")
-    for m in ("gpt", "diffusion"):  # the GPT first: it is the judge
+    for m in sorted(args.models, key=lambda m: m != "gpt"):  # the GPT first: it is the judge
         if args.reuse and can_reuse(args, m, plan):
             print(f"{m}: reusing the finished run in {args.out_dir}/{m}")
         else:
             trainer.main(train_argv(args, m, plan["num_iterations"][m]))
 
     peak = peak_flops(device)
-    runs = {m: read_run(args, m, plan, device, peak) for m in ("gpt", "diffusion")}
+    runs = {m: read_run(args, m, plan, device, peak, tokenizer) for m in sorted(args.models, key=lambda m: m != "gpt")}
     models = {m: r[0] for m, r in runs.items()}
     train = {m: r[1] for m, r in runs.items()}
     autocast = autocast_for(device, args.dtype)
     ngrams, ngram_bpb = ngram_models(args, tokenizer, device)
     result = dict(args=vars(args), device=device_name(device), git_commit=git_commit(), peak_flops=peak, plan=plan,
-                  train=train, bpb_ratio=train["diffusion"]["val_bpb"] / train["gpt"]["val_bpb"],
-                  best_bpb_ratio=train["diffusion"]["best_val_bpb"] / train["gpt"]["best_val_bpb"], ngram=ngram_bpb,
+                  train=train, bpb_ratio={m: t["final"]["bpb"] / train["gpt"]["final"]["bpb"] for m, t in train.items()},
+                  best_bpb_ratio={m: t["best_val_bpb"] / train["gpt"]["best_val_bpb"] for m, t in train.items()}, ngram=ngram_bpb,
                   samples=evaluate_samples(args, models, ngrams, tokenizer, device, autocast))
 
     plot_bpb(train, ngram_bpb, os.path.join(args.out_dir, "bpb_vs_flops.png"))
