@@ -134,6 +134,31 @@ def timestep_features(x, dim=256, max_period=10000.0):
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def sample_t(batch_size):
+    """Training timesteps (B,) in [0, 1), stratified: one per stratum, shuffled across rows (low-variance estimates)."""
+    u = torch.rand((), dtype=torch.float64)
+    strata = torch.randperm(batch_size).double()
+    return (strata + u) / batch_size
+
+
+def sample_known(batch_size, seq_len, cond_rate, device):
+    """Clean positions (B, T) for conditional training: on cond_rate of the rows, either a prefix (prompt
+    completion, up to half the row) or everything outside a gap of at least half the row (infilling). Evaluation
+    passes cond_rate 0: the loss and the bound are about unconditional generation."""
+    if cond_rate == 0:
+        return torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+    pos = torch.arange(seq_len, device=device)[None, :]
+    r = torch.rand(batch_size, 4, device=device)
+    prefix_len = (1 + r[:, 0] * (seq_len // 2)).long()[:, None]
+    gap_len = (seq_len - seq_len // 2 + r[:, 1] * (seq_len // 2 + 1)).long().clamp(max=seq_len)[:, None]
+    gap_start = (r[:, 2:3] * (seq_len - gap_len + 1)).long()
+    prefix = pos < prefix_len
+    infill = (pos < gap_start) | (pos >= gap_start + gap_len)
+    use_prefix = (r[:, 3] < 0.5)[:, None]
+    conditioned = (torch.rand(batch_size, device=device) < cond_rate)[:, None]
+    return conditioned & torch.where(use_prefix, prefix, infill)
+
+
 def block_attention_mask(noisy_pos, clean_pos, block_size):
     """Boolean (Tn + Tc, Tn + Tc) mask (True = may attend) for block diffusion (BD3-LM, Arriola et al. 2025) over a
     noisy stream (positions noisy_pos) followed by a clean stream (clean_pos): a noisy token sees its own block's
@@ -291,30 +316,6 @@ class DiffusionRoBERTa(LanguageModel):
 
     # --- training ----------------------------------------------------------
 
-    @staticmethod
-    def sample_t(batch_size):
-        """Training timesteps (B,), stratified: one per stratum, shuffled across rows (low-variance estimates)."""
-        u = torch.rand((), dtype=torch.float64)
-        strata = torch.randperm(batch_size).double()
-        return (strata + u) / batch_size
-
-    def sample_known(self, batch_size, seq_len, device):
-        """Clean positions for conditional training: on cond_rate of the rows, either a prefix (prompt
-        completion, up to half the row) or everything outside a gap of at least half the row (infilling).
-        None when evaluating: the loss and the bound are about unconditional generation."""
-        if not self.training or self.config.cond_rate == 0:
-            return torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-        pos = torch.arange(seq_len, device=device)[None, :]
-        r = torch.rand(batch_size, 4, device=device)
-        prefix_len = (1 + r[:, 0] * (seq_len // 2)).long()[:, None]
-        gap_len = (seq_len - seq_len // 2 + r[:, 1] * (seq_len // 2 + 1)).long().clamp(max=seq_len)[:, None]
-        gap_start = (r[:, 2:3] * (seq_len - gap_len + 1)).long()
-        prefix = pos < prefix_len
-        infill = (pos < gap_start) | (pos >= gap_start + gap_len)
-        use_prefix = (r[:, 3] < 0.5)[:, None]
-        conditioned = (torch.rand(batch_size, device=device) < self.config.cond_rate)[:, None]
-        return conditioned & torch.where(use_prefix, prefix, infill)
-
     def noised(self, x, gamma, known):
         alpha, sigma = (per_row(a, x) for a in alpha_sigma(gamma))
         eps = torch.randn_like(x)
@@ -344,8 +345,8 @@ class DiffusionRoBERTa(LanguageModel):
         """The training loss (a scalar) for a (B, T) batch of token ids."""
         B, T = tokens.shape
         x = F.embedding(tokens, self.embed_matrix())
-        gamma, slope = self.schedule.gamma_and_slope(self.sample_t(B))
-        known = self.sample_known(B, T, tokens.device)
+        gamma, slope = self.schedule.gamma_and_slope(sample_t(B))
+        known = sample_known(B, T, self.config.cond_rate if self.training else 0.0, tokens.device)
         z, eps = self.noised(x, gamma, known)
         context = self.clean_context(tokens)
         x0_hat, logits = self.predict_x0(z, gamma, known, self.self_condition(z, gamma, known, x, context), context=context)
