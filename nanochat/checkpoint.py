@@ -22,10 +22,12 @@ import torch
 from nanochat.common import UserError, format_bytes
 from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.masked_diffusion import MaskedDiffusion, MaskedDiffusionConfig
 from nanochat.tokenizer import Tokenizer
 
 FORMAT = "nanochat-diffusion/2"
-MODEL_TYPES = {"diffusion": (DiffusionConfig, DiffusionRoBERTa), "gpt": (GPTConfig, GPT)}  # where models are built
+MODEL_TYPES = {"diffusion": (DiffusionConfig, DiffusionRoBERTa), "gpt": (GPTConfig, GPT),  # where models are built
+               "masked": (MaskedDiffusionConfig, MaskedDiffusion)}
 
 
 def checkpoint_path(checkpoint_dir, model_type, step):

@@ -148,6 +148,31 @@ def timestep_features(x, dim=256, max_period=10000.0):
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def sample_t(batch_size):
+    """Training timesteps (B,) in [0, 1), stratified: one per stratum, shuffled across rows (low-variance estimates)."""
+    u = torch.rand((), dtype=torch.float64)
+    strata = torch.randperm(batch_size).double()
+    return (strata + u) / batch_size
+
+
+def sample_known(batch_size, seq_len, cond_rate, device):
+    """Clean positions (B, T) for conditional training: on cond_rate of the rows, either a prefix (prompt
+    completion, up to half the row) or everything outside a gap of at least half the row (infilling). Evaluation
+    passes cond_rate 0: the loss and the bound are about unconditional generation."""
+    if cond_rate == 0:
+        return torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+    pos = torch.arange(seq_len, device=device)[None, :]
+    r = torch.rand(batch_size, 4, device=device)
+    prefix_len = (1 + r[:, 0] * (seq_len // 2)).long()[:, None]
+    gap_len = (seq_len - seq_len // 2 + r[:, 1] * (seq_len // 2 + 1)).long().clamp(max=seq_len)[:, None]
+    gap_start = (r[:, 2:3] * (seq_len - gap_len + 1)).long()
+    prefix = pos < prefix_len
+    infill = (pos < gap_start) | (pos >= gap_start + gap_len)
+    use_prefix = (r[:, 3] < 0.5)[:, None]
+    conditioned = (torch.rand(batch_size, device=device) < cond_rate)[:, None]
+    return conditioned & torch.where(use_prefix, prefix, infill)
+
+
 def block_attention_mask(noisy_pos, clean_pos, block_size):
     """Boolean (Tn + Tc, Tn + Tc) mask (True = may attend) for block diffusion (BD3-LM, Arriola et al. 2025) over a
     noisy stream (positions noisy_pos) followed by a clean stream (clean_pos): a noisy token sees its own block's
@@ -310,30 +335,6 @@ class DiffusionRoBERTa(LanguageModel):
 
     # --- training ----------------------------------------------------------
 
-    @staticmethod
-    def sample_t(batch_size):
-        """Training timesteps (B,), stratified: one per stratum, shuffled across rows (low-variance estimates)."""
-        u = torch.rand((), dtype=torch.float64)
-        strata = torch.randperm(batch_size).double()
-        return (strata + u) / batch_size
-
-    def sample_known(self, batch_size, seq_len, device):
-        """Clean positions for conditional training: on cond_rate of the rows, either a prefix (prompt
-        completion, up to half the row) or everything outside a gap of at least half the row (infilling).
-        None when evaluating: the loss and the bound are about unconditional generation."""
-        if not self.training or self.config.cond_rate == 0:
-            return torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-        pos = torch.arange(seq_len, device=device)[None, :]
-        r = torch.rand(batch_size, 4, device=device)
-        prefix_len = (1 + r[:, 0] * (seq_len // 2)).long()[:, None]
-        gap_len = (seq_len - seq_len // 2 + r[:, 1] * (seq_len // 2 + 1)).long().clamp(max=seq_len)[:, None]
-        gap_start = (r[:, 2:3] * (seq_len - gap_len + 1)).long()
-        prefix = pos < prefix_len
-        infill = (pos < gap_start) | (pos >= gap_start + gap_len)
-        use_prefix = (r[:, 3] < 0.5)[:, None]
-        conditioned = (torch.rand(batch_size, device=device) < self.config.cond_rate)[:, None]
-        return conditioned & torch.where(use_prefix, prefix, infill)
-
     def noised(self, x, level, known):
         eps = torch.randn_like(x)
         z = torch.where(known[..., None], x, level.alpha * x + level.sigma * eps)
@@ -343,7 +344,7 @@ class DiffusionRoBERTa(LanguageModel):
     def draw_noise(self, batch_size):
         """A training micro-batch's randomness drawn on the CPU: its noise levels (stratified t, with the ELBO weight)
         and whether it gets a self-conditioning pass (on self_cond_rate of the micro-batches; always when evaluating)."""
-        level = self.noise_level(*self.schedule.gamma_and_slope(self.sample_t(batch_size)))
+        level = self.noise_level(*self.schedule.gamma_and_slope(sample_t(batch_size)))
         coin = not self.training or torch.rand(()).item() < self.config.self_cond_rate
         return level, self.config.self_cond and coin
 
@@ -371,7 +372,7 @@ class DiffusionRoBERTa(LanguageModel):
         B, T = tokens.shape
         level, first_pass = self.draw_noise(B)
         x = F.embedding(tokens, self.embed_matrix())
-        known = self.sample_known(B, T, tokens.device)
+        known = sample_known(B, T, self.config.cond_rate if self.training else 0.0, tokens.device)
         z, eps = self.noised(x, level, known)
         context = self.clean_context(tokens)
         x0_hat, logits = self.predict_x0(z, level, known, self.self_condition(z, level, known, x, context, first_pass), context=context)

@@ -1,10 +1,12 @@
 """
-Throughput of the diffusion model next to a GPT of the same shape, in one process and one run.
+Throughput of the diffusion model and the masked diffusion model next to a GPT of the same shape, in one process and
+one run.
 
     python -m scripts.bench                                         # depth 4, CPU-sized shapes
     python -m scripts.bench --depth 12 --max_seq_len 1024 --device_batch_size 32 --vocab_size 65536 --compile
 
-Every diffusion config field is a flag (--embed_dim, --objective, --block_size, ...), as in scripts.diffusion_train.
+Every diffusion config field is a flag (--embed_dim, --objective, --block_size, ...), as in scripts.diffusion_train;
+the GPT and the masked model take the shape flags.
 
 Prints one JSON object (everything else goes to stderr): the device's peak FLOP/s (measured with a float32
 matmul on CPU/MPS, the bf16 table value on CUDA), and for each model the median time of a real training step
@@ -27,6 +29,7 @@ import torch
 from nanochat.common import UserError, add_config_args, autocast_for, compute_init, config_from_args, median_times, peak_flops, run_main
 from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.masked_diffusion import MaskedDiffusion, MaskedDiffusionConfig
 from nanochat.report import device_name
 from nanochat.train import training_step
 
@@ -64,6 +67,7 @@ def bench(args, device):
                   "diffusion_no_self_cond": DiffusionRoBERTa(diffusion_config(False, 0.0))}
         if args.self_cond:  # self-conditioning on every step: its cost is measured, not left to chance
             models["diffusion_self_cond_every_step"] = DiffusionRoBERTa(diffusion_config(True, 1.0))
+        models["masked"] = MaskedDiffusion(config_from_args(MaskedDiffusionConfig, args))
     except ValueError as e:
         raise UserError(f"bad model settings: {e}") from None
     tokens = torch.randint(0, args.vocab_size, (B, T), device=device)
@@ -83,17 +87,19 @@ def bench(args, device):
     mfu = {name: flops_per_token[name] * tok_per_s[name] / peak for name in names}
 
     print(f"timing {args.sample_reps} generations of {B} x {T} tokens ({args.sample_steps} denoising steps)", file=sys.stderr)
-    gpt, diffusion = models["gpt"].eval(), models[on].eval()
+    gpt, diffusion, masked = models["gpt"].eval(), models[on].eval(), models["masked"].eval()
     with autocast_for(device):
         sample_time = median_times({"gpt": lambda: gpt.generate(B, T, {0: 0}),
-                                    "diffusion": lambda: diffusion.generate(B, T, {0: 0}, num_steps=args.sample_steps)},
+                                    "diffusion": lambda: diffusion.generate(B, T, {0: 0}, num_steps=args.sample_steps),
+                                    "masked": lambda: masked.generate(B, T, {0: 0}, num_steps=args.sample_steps)},
                                    args.sample_reps, 1, device)
     sample_tok_per_s = {name: B * (T - 1) / t for name, t in sample_time.items()}
     return dict(
         device=device_name(device), torch=torch.__version__,
         peak_flops=peak, peak_flops_source="bf16 dense table" if device.type == "cuda" else "measured float32 matmul",
         args=vars(args),
-        num_params=dict(gpt=models["gpt"].num_params(), diffusion=models["diffusion_no_self_cond"].num_params()),
+        num_params=dict(gpt=models["gpt"].num_params(), diffusion=models["diffusion_no_self_cond"].num_params(),
+                        masked=models["masked"].num_params()),
         flops_per_token={name: flops_per_token[name] for name in names},
         train_step_s={name: step_time[name] for name in names},
         train_tokens_per_s=tok_per_s,
@@ -101,7 +107,7 @@ def bench(args, device):
         train_tokens_per_s_ratio={name: tok_per_s[name] / tok_per_s["gpt"] for name in names[1:]},
         sample_steps=args.sample_steps,
         sample_tokens_per_s=sample_tok_per_s,
-        sample_tokens_per_s_ratio=sample_tok_per_s["diffusion"] / sample_tok_per_s["gpt"],
+        sample_tokens_per_s_ratio={name: sample_tok_per_s[name] / sample_tok_per_s["gpt"] for name in ("diffusion", "masked")},
     )
 
 

@@ -11,6 +11,7 @@ from nanochat.diffusion_roberta import (
     reverse_step, reverse_steps,
 )
 from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.masked_diffusion import MaskedDiffusion, MaskedDiffusionConfig
 from nanochat.transformer import apply_rotary, rotary_cos_sin
 
 
@@ -396,7 +397,8 @@ def test_gpt_kv_cache_decodes_as_one_forward_pass():
 @pytest.mark.parametrize("build", [
     lambda: (DiffusionRoBERTa, tiny_config(depth=2, block_size=4)),
     lambda: (GPT, GPTConfig(vocab_size=32, depth=2, max_seq_len=16)),
-], ids=["diffusion", "gpt"])
+    lambda: (MaskedDiffusion, MaskedDiffusionConfig(vocab_size=32, depth=2, max_seq_len=16)),
+], ids=["diffusion", "gpt", "masked"])
 def test_meta_device_build_gives_the_weights_of_a_normal_build(build):
     """build() makes the model on the meta device (nothing allocated) and materialises it: the same weights and
     buffers as a normal build with the same seed, and the same outputs."""

@@ -34,15 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_data_dir, tiny_tokenizer, tmp_path_factory):
-    """Tiny diffusion and gpt checkpoints trained by the training script (depth 1, max_seq_len 32)."""
+    """Tiny diffusion, gpt and masked checkpoints trained by the training script (depth 1, max_seq_len 32)."""
     _, tok_dir = tiny_tokenizer
     out = tmp_path_factory.mktemp("ckpts")
-    for model in ("diffusion", "gpt"):
+    for model in ("diffusion", "gpt", "masked"):
         trainer.main(["--model", model, "--depth=1", "--max_seq_len=32", "--device_batch_size=4",
                               "--num_iterations=20", "--eval_every=-1", "--eval_tokens=128", "--sample_every=0",
                               "--device_type=cpu", "--data_dir", str(tiny_data_dir), "--tokenizer_dir", str(tok_dir),
                               "--checkpoint_dir", str(out)])
-    return {m: out / f"{m}_step_000020.pt" for m in ("diffusion", "gpt")}
+    return {m: out / f"{m}_step_000020.pt" for m in ("diffusion", "gpt", "masked")}
 
 
 def run_cli(module, *args, env=None, cwd=REPO):
@@ -230,6 +230,33 @@ def test_sample_verbatim_seed_command_and_gpt(ckpts, tiny_tokenizer, tmp_path, c
     diffusion_sample.main(["--checkpoint", str(ckpts["gpt"]), "--num_samples", "2", "--prompt", "KING:"])
     out = capsys.readouterr().out
     assert out.count("\nKING:") == 2 and "autoregressive" in out
+
+def test_masked_model_scripts(ckpts, tiny_tokenizer, tiny_data_dir, tmp_path, capsys):
+    """The masked model through the same scripts: a prompt and an infill template's text are kept token for token,
+    the bar counts its steps, and diffusion_eval reports its bound."""
+    tok, _ = tiny_tokenizer
+    out = tmp_path / "s.jsonl"
+    p = run_cli("scripts.diffusion_sample", "--checkpoint", ckpts["masked"], "--num_samples", 3, "--seq_len", 24,
+                "--num_steps", 8, "--batch_size", 2, "--prompt", "KING: café", "--output", out)
+    assert p.returncode == 0, p.stderr
+    assert "16/16" in p.stderr and "8 ancestral unmasking steps" in p.stdout  # the bar: 2 batches x 8 steps
+    prefix = [tok.get_bos_token_id()] + tok.encode("KING: café")
+    assert all(r["tokens"][:len(prefix)] == prefix and r["text"].startswith("KING: café") for r in read_jsonl(out))
+    template = "To be[BLANK:4] not to be:[BLANK:3] the question."
+    diffusion_sample.main(["--checkpoint", str(ckpts["masked"]), "--num_samples", "3", "--num_steps", "6",
+                           "--infill", template, "--output", str(out), "--temperature", "0.8"])
+    known, length, _ = build_infill(tok, template)
+    for r in read_jsonl(out):
+        assert len(r["tokens"]) == length and all(r["tokens"][p] == w for p, w in known.items())
+        assert r["num_steps"] == 6 and r["text"].startswith("To be") and r["text"].endswith(" the question.")
+    diffusion_eval.main(["--checkpoint", str(ckpts["masked"]), "--data_dir", str(tiny_data_dir), "--eval_tokens", "256",
+                         "--batch_size", "4", "--bound_samples", "4", "--num_samples", "2", "--sample_steps", "4",
+                         "--throughput_steps", "1", "--judge", str(ckpts["gpt"]), "--output", str(tmp_path / "e.json")])
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["model_type"] == "masked" and r["nll_kind"] == "likelihood bound" and r["config"]["bound_samples"] == 4
+    assert r["val"]["bpb"] > 0 and r["val"]["bpb_stderr"] > 0 and r["context_gain"] is None
+    assert r["sampling"]["how"] == "4 ancestral unmasking steps" and r["sample_quality"]["gen_ppl"] > 0
+    assert "validation bpb (likelihood bound)" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
 # diffusion_eval

@@ -154,8 +154,9 @@ def test_noise_seed_is_stable():
 
 # --- DDP -----------------------------------------------------------------------------------------------
 
-def test_ddp_two_gloo_ranks_match_gradient_accumulation(data, tmp_path):
-    steps = ["--num_iterations", 4, "--save_every", -1]
+@pytest.mark.parametrize("model", ["diffusion", "masked"])
+def test_ddp_two_gloo_ranks_match_gradient_accumulation(model, data, tmp_path):
+    steps = ["--model", model, "--num_iterations", 4, "--save_every", -1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "scripts.diffusion_train", *TINY, *DIFFUSION, *data, *map(str, steps), "--checkpoint_dir", str(tmp_path / "ddp")],
                        cwd=REPO, capture_output=True, text=True, timeout=240, env=script_env(tmp_path))
@@ -163,12 +164,12 @@ def test_ddp_two_gloo_ranks_match_gradient_accumulation(data, tmp_path):
     assert "world size 2" in r.stdout and "x 2 ranks x 1 accumulation steps" in r.stdout
     out = train(*data, *steps, "--total_batch_size", 2 * 2 * 16, "--checkpoint_dir", tmp_path / "accum")
     assert "x 1 ranks x 2 accumulation steps" in out
-    (ddp_model, ddp_state), (acc_model, acc_state) = final_state(tmp_path / "ddp", 4), final_state(tmp_path / "accum", 4)
+    (ddp_model, ddp_state), (acc_model, acc_state) = final_state(tmp_path / "ddp", 4, model), final_state(tmp_path / "accum", 4, model)
     ddp_losses, acc_losses = torch.tensor(ddp_state["history"]["train"]), torch.tensor(acc_state["history"]["train"])
     assert ddp_losses.shape == (4, 2)
     assert torch.allclose(ddp_losses, acc_losses, rtol=1e-5, atol=1e-6), (ddp_losses, acc_losses)
     assert_same_weights(ddp_model["model"], acc_model["model"], atol=1e-5)
-    assert os.path.isfile(state_path(str(tmp_path / "ddp" / "diffusion_step_000004.pt"), 1))
+    assert os.path.isfile(state_path(str(tmp_path / "ddp" / f"{model}_step_000004.pt"), 1))
 
 
 # --- checkpoints and resume ----------------------------------------------------------------------------
@@ -215,6 +216,22 @@ def test_resume_matches_uninterrupted_run_and_skips_incomplete_checkpoints(refer
     assert torch.allclose(torch.tensor(res_state["history"]["train"]), torch.tensor(ref_state["history"]["train"]), rtol=1e-6, atol=0)
     assert [e["step"] for e in res_state["history"]["eval"]] == [0, 3, 6]  # no second evaluation at step 3
     assert_same_weights(ref_model["model"], res_model["model"], atol=1e-6)
+    assert res_state["loaders"] == ref_state["loaders"]
+
+
+def test_masked_model_resumes_exactly(data, tmp_path):
+    steps = ["--model", "masked", "--num_iterations", 4, "--save_every", 2, "--eval_every", 2]
+    train(*data, *steps, "--checkpoint_dir", tmp_path / "ref")
+    (tmp_path / "res").mkdir()
+    for f in glob.glob(str(tmp_path / "ref" / "masked_step_000002*")):
+        shutil.copy(f, tmp_path / "res")
+    out = train(*data, *steps, "--checkpoint_dir", tmp_path / "res", "--resume")
+    assert "masked_step_000002.pt at step 2" in out and [int(m[0]) for m in LOG_LINE.findall(out)] == [3, 4]
+    (ref_model, ref_state), (res_model, res_state) = (final_state(tmp_path / d, 4, "masked") for d in ("ref", "res"))
+    assert res_model["model_type"] == "masked" and res_state["history"]["train"] == ref_state["history"]["train"]
+    untimed = lambda state: [{k: v for k, v in e.items() if k != "time"} for e in state["history"]["eval"]]
+    assert untimed(res_state) == untimed(ref_state)
+    assert_same_weights(ref_model["model"], res_model["model"], atol=0)
     assert res_state["loaders"] == ref_state["loaders"]
 
 
@@ -472,13 +489,14 @@ def test_gpt_baseline_trains_with_the_same_loop(data, tmp_path):
     assert (ckpt["meta"]["args"]["matrix_lr"], ckpt["meta"]["args"]["head_lr"]) == (0.02, 0.004)  # the GPT's own defaults
 
 
-def test_end_to_end_validation_bpb_falls(data, tmp_path):
+@pytest.mark.parametrize("model", ["diffusion", "masked"])
+def test_end_to_end_validation_bpb_falls(model, data, tmp_path):
     t0 = time.time()
-    train(*data, "--depth", 2, "--max_seq_len", 64, "--device_batch_size", 8, "--num_iterations", 150, "--eval_every", 75,
-          "--eval_tokens", 2048, "--bound_samples", 4, "--save_every", -1, "--checkpoint_dir", tmp_path)
-    evals = final_state(tmp_path, 150)[1]["history"]["eval"]
+    train(*data, "--model", model, "--depth", 2, "--max_seq_len", 64, "--device_batch_size", 8, "--num_iterations", 150,
+          "--eval_every", 75, "--eval_tokens", 2048, "--bound_samples", 4, "--save_every", -1, "--checkpoint_dir", tmp_path)
+    evals = final_state(tmp_path, 150, model)[1]["history"]["eval"]
     bpb = [e["val_bpb"] for e in evals]
     assert [e["step"] for e in evals] == [0, 75, 150]
     # the same validation batches and noise at every evaluation: a paired comparison
     assert bpb[-1] < bpb[0] - 0.25 and bpb[-1] < 0.95 * bpb[0], bpb
-    print(f"val bpb {bpb} in {time.time() - t0:.1f}s")
+    print(f"{model}: val bpb {bpb} in {time.time() - t0:.1f}s")
