@@ -274,12 +274,14 @@ def final_evaluation(args, model, model_type, tokenizer, device):
 
 def sample_settings(args):
     """Every (model, temperature, generate() options) to sample, with its label: each model that takes steps at every
-    --sample_steps x --temperatures, the GPT at --gpt_temperatures."""
+    --sample_steps x --temperatures, the GPT at --gpt_temperatures. A sampler flag serves the models that have it."""
     settings = []
     for m in args.models:
-        if "num_steps" in MODEL_TYPES[m][1].sampler_defaults:
-            settings += [dict(model=m, steps=s, temperature=t, options=sampler_options(args, num_steps=s),
-                              label=f"{m} {s} steps T={t}") for s in args.sample_steps for t in args.temperatures]
+        defaults = MODEL_TYPES[m][1].sampler_defaults
+        if "num_steps" in defaults:
+            options = lambda s: {k: v for k, v in sampler_options(args, num_steps=s).items() if k in defaults}
+            settings += [dict(model=m, steps=s, temperature=t, options=options(s), label=f"{m} {s} steps T={t}")
+                         for s in args.sample_steps for t in args.temperatures]
         else:
             settings += [dict(model=m, steps=None, temperature=t, options={}, label=f"{m.upper()} T={t}")
                          for t in args.gpt_temperatures]
@@ -412,7 +414,7 @@ def tables(result):
                      f"{t['flops']:.3e} | {fmt(f['bpb'])} ± {fmt(f['stderr'])} ({t['nll_kind']}) | "
                      f"{fmt(result['bpb_ratio'][m], '.3f')} | {fmt(t['best_val_bpb'])} ± {fmt(t['best_val_bpb_stderr'])} "
                      f"({t['best_step']}) | {fmt(t['tokens_per_s'], ',.0f')} | {fmt(100 * t['mfu'], '.2f')}% | {t['train_seconds']:.1f}s |")
-    lines += ["", f"Bits per byte at the end of training on {train['gpt']['final']['tokens']:,} validation tokens (the same "
+    lines += ["", f"Bits per byte at the end of training on {max(t['final']['tokens'] for t in train.values()):,} validation tokens (the same "
               "for every model); the best along the run comes from the cheaper evaluations of the curves (a best-of-many "
               "pick flatters the model evaluated most often).", "",
               "Count-based references on the same validation tokens: " + ", ".join(

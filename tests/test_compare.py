@@ -31,38 +31,44 @@ def test_bench_prints_json(capsys):
 
 def compare_argv(tiny_data_dir, tok_dir, out_dir, *budget):
     return [*budget, "--depth", "1", "--max_seq_len", "32", "--device_batch_size", "2", "--data_dir", str(tiny_data_dir),
-            "--tokenizer_dir", str(tok_dir), "--out_dir", str(out_dir), "--eval_tokens", "128",
-            "--diffusion_args", "--bound_samples 2", "--num_samples", "2", "--sample_len", "24", "--sample_steps", "2,4",
+            "--tokenizer_dir", str(tok_dir), "--out_dir", str(out_dir), "--eval_tokens", "128", "--final_eval_tokens", "256",
+            "--models", "gpt,diffusion", "--diffusion_args", "--bound_samples 2", "--masked_args", "--bound_samples 2",
+            "--num_samples", "2", "--sample_len", "24", "--sample_steps", "2,4",
             "--temperatures", "1.0,0.7", "--gpt_temperatures", "1.0", "--num_show", "2", "--device_type", "cpu"]
 
 
 def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "cmp"
-    compare.main(compare_argv(tiny_data_dir, tiny_tokenizer[1], out, "--flops", "1.5e8") + ["--score_temperature", "0.8"])
+    compare.main(compare_argv(tiny_data_dir, tiny_tokenizer[1], out, "--flops", "1.5e8")
+                 + ["--score_temperature", "0.8", "--models", "gpt,diffusion,masked"])
     for name in ("compare.md", "compare.json", "bpb_vs_flops.png", "frontier.png"):
         assert (out / name).stat().st_size > 0, name
     r = json.loads((out / "compare.json").read_text())
     plan = r["plan"]
     assert plan["budget_flops"] == 1.5e8 and plan["tokens_per_step"] == 64
     assert plan["flops_per_token"]["gpt"] < plan["flops_per_token"]["diffusion"]
-    for m in ("gpt", "diffusion"):  # the same FLOPs: as many steps as fit in the budget, and the runs did them
+    for m in ("gpt", "diffusion", "masked"):  # the same FLOPs: as many steps as fit in the budget, and the runs did them
         n = plan["num_iterations"][m]
         assert n == int(1.5e8 // (plan["flops_per_token"][m] * 64)) >= 2
         t = r["train"][m]
         assert t["num_iterations"] == n and t["flops"] <= 1.5e8 < t["flops"] + plan["flops_per_token"][m] * 64
-        assert t["val_bpb"] > 0 and t["tokens_per_s"] > 0 and t["mfu"] > 0
+        assert t["final"]["bpb"] > 0 and t["final"]["stderr"] > 0  # the same 256 tokens for all (the GPT predicts 31 of 32)
+        assert t["final"]["tokens"] == (4 * 2 * 31 if m == "gpt" else 256)
+        assert t["tokens_per_s"] > 0 and t["mfu"] > 0
         assert len(t["evals"]) >= min(n + 1, 6) and t["evals"][0]["step"] == 0 and t["evals"][-1]["step"] == n
         best = min(t["evals"], key=lambda e: e["val_bpb"])
-        assert t["best_val_bpb"] == best["val_bpb"] <= t["val_bpb"] and t["best_step"] == best["step"]
-    assert r["bpb_ratio"] == pytest.approx(r["train"]["diffusion"]["val_bpb"] / r["train"]["gpt"]["val_bpb"])
-    assert r["best_bpb_ratio"] == pytest.approx(r["train"]["diffusion"]["best_val_bpb"] / r["train"]["gpt"]["best_val_bpb"])
+        assert t["best_val_bpb"] == best["val_bpb"] and t["best_step"] == best["step"]
+        assert r["bpb_ratio"][m] == pytest.approx(t["final"]["bpb"] / r["train"]["gpt"]["final"]["bpb"])
+        assert r["best_bpb_ratio"][m] == pytest.approx(t["best_val_bpb"] / r["train"]["gpt"]["best_val_bpb"])
     for name in ("unigram", "bigram"):  # the runs' validation batches (--eval_tokens 128: 2 of 2 x 32), first tokens unscored
         assert r["ngram"][name]["bpb"] > 0 and r["ngram"][name]["tokens"] == 2 * 2 * 31
     s = r["samples"]
     assert [x["label"] for x in s["settings"]] == ["GPT T=1.0", "diffusion 2 steps T=1.0", "diffusion 2 steps T=0.7",
-                                                  "diffusion 4 steps T=1.0", "diffusion 4 steps T=0.7"]
+                                                  "diffusion 4 steps T=1.0", "diffusion 4 steps T=0.7", "masked 2 steps T=1.0",
+                                                  "masked 2 steps T=0.7", "masked 4 steps T=1.0", "masked 4 steps T=0.7"]
     assert s["output_tokens"] == 2 * 23
-    assert s["sampler_options"] == dict(sampler="ddpm", noise_scale=NOISE_SCALE, score_temperature=0.8, clamp=False, compile=False)
+    assert s["samplers"] == {"gpt": "autoregressive", "masked": "2/4 ancestral unmasking steps",
+                             "diffusion": f"2/4 ddpm steps, noise x{NOISE_SCALE:g}, score temperature 0.8"}
     assert [x["label"] for x in s["references"]] == ["validation text", "unigram samples (training split)",
                                                     "bigram samples (training split)"]
     for x in s["settings"] + s["references"]:
@@ -70,10 +76,11 @@ def test_compare_end_to_end(tiny_data_dir, tiny_tokenizer, tmp_path):
         assert 0 < x["distinct_2"] <= 1 and x["nll_ratio"] > 0 and x["entropy_ratio"] > 0 and len(x["examples"]) == 2
     assert s["settings"][0]["nll_ratio"] == 1.0 and all(x["tokens_per_s"] > 0 for x in s["settings"])
     md = (out / "compare.md").read_text()
-    for text in ("![bpb](bpb_vs_flops.png)", "![frontier](frontier.png)", "diffusion bpb / GPT bpb", "between the best values", "### GPT T=1.0",
-                 "### diffusion 4 steps T=1.0", "### validation text", "| diffusion 2 steps T=0.7 |",
-                 "| bigram samples (training split) |", "Count-based references on the same validation tokens: unigram",
-                 f"diffusion sampler 2/4 ddpm steps, noise x{NOISE_SCALE:g}, score temperature 0.8;"):
+    for text in ("![bpb](bpb_vs_flops.png)", "![frontier](frontier.png)", "val bpb at the end | / GPT's", "on 256 validation tokens",
+                 "### GPT T=1.0", "### diffusion 4 steps T=1.0", "### masked 4 steps T=1.0", "### validation text",
+                 "| diffusion 2 steps T=0.7 |", "| bigram samples (training split) |",
+                 "Count-based references on the same validation tokens: unigram",
+                 f"diffusion: 2/4 ddpm steps, noise x{NOISE_SCALE:g}, score temperature 0.8;"):
         assert text in md, text
 
 
