@@ -189,7 +189,7 @@ def block_attention_mask(noisy_pos, clean_pos, block_size):
 
 class DiffusionRoBERTa(LanguageModel):
     nll_kind = "likelihood bound"  # token_nll() is an upper bound on the NLL
-    # learning rates that differ from the GPT's (nanochat.muon.LEARNING_RATES): one noise level per row makes a much
+    # learning rates that differ from the GPT's (nanochat.optim.LEARNING_RATES): one noise level per row makes a much
     # noisier gradient, and the head only learns what context adds to the posterior skip (dev/LOG.md)
     learning_rates = dict(matrix_lr=0.01, head_lr=0.001)
     # generate()'s sampler options and their defaults: noise at 0.85 of the reverse process's and a score temperature

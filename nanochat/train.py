@@ -44,7 +44,7 @@ from nanochat.common import (
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, download, split_files, text_iterator
 from nanochat.evaluate import evaluate_bpb, evaluate_loss
-from nanochat.muon import learning_rates, setup_optimizers
+from nanochat.optim import learning_rates, setup_optimizers
 from nanochat.report import write_report
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 

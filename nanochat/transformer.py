@@ -135,7 +135,7 @@ def init_transformer_weights(module):
 class LanguageModel(nn.Module):
     """What every model here offers the scripts, which never ask which model they hold: forward(tokens) (the
     training loss), token_nll(tokens) (nats per predicted token: exact, or a bound; nll_kind says which),
-    flops_per_token(seq_len), param_groups() (for nanochat.muon.setup_optimizers, with the model's own
+    flops_per_token(seq_len), param_groups() (for nanochat.optim.setup_optimizers, with the model's own
     learning_rates), and generate(num_samples, seq_len, known, temperature, generator, callback, **options) with
     the options of sampler_defaults."""
     nll_kind = "exact"

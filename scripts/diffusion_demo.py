@@ -30,7 +30,7 @@ from nanochat.common import UserError, check_seed, check_writable, compute_init,
 from nanochat.diffusion_roberta import (  # noqa: E402
     SCHEDULES, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, alpha_sigma,
 )
-from nanochat.muon import setup_optimizers  # noqa: E402
+from nanochat.optim import setup_optimizers  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
 
 PARAGRAPH = (

@@ -9,7 +9,7 @@ import torch._inductor.config
 from nanochat.common import autocast_for
 from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.muon import setup_optimizers
+from nanochat.optim import setup_optimizers
 
 MODELS = {
     "diffusion": lambda: DiffusionRoBERTa(DiffusionConfig(vocab_size=128, depth=1, max_seq_len=16, embed_dim=8)),

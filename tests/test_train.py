@@ -21,7 +21,6 @@ import torch
 from nanochat.checkpoint import find_latest, load_model, state_path
 from nanochat.common import UserError
 from nanochat.diffusion_roberta import DiffusionRoBERTa
-from nanochat.muon import Muon
 from nanochat import train as trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,7 +358,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(what, d
 
 @pytest.mark.parametrize("poison", ["weights", "evaluation"])
 def test_non_finite_weights_or_evaluation_stop_without_a_nan_checkpoint(poison, data, tmp_path, monkeypatch):
-    muon_step, evaluate_bpb, calls = Muon.step, trainer.evaluate_bpb, []
+    muon_step, evaluate_bpb, calls = torch.optim.Muon.step, trainer.evaluate_bpb, []
 
     def poisoned_update(self):  # the 3rd update (step index 2) leaves a NaN in the weights
         muon_step(self)
@@ -372,7 +371,7 @@ def test_non_finite_weights_or_evaluation_stop_without_a_nan_checkpoint(poison, 
         return dict(evaluate_bpb(model, batches, token_bytes), bpb=float("nan")) if len(calls) == 2 else evaluate_bpb(model, batches, token_bytes)
 
     if poison == "weights":
-        monkeypatch.setattr(Muon, "step", poisoned_update)
+        monkeypatch.setattr(torch.optim.Muon, "step", poisoned_update)
         expect = "the weights are not finite at step 3; stopping without saving them"
     else:
         monkeypatch.setattr(trainer, "evaluate_bpb", poisoned_evaluation)
