@@ -8,18 +8,19 @@ at t = 1. The network sees z_t and predicts x at every position over the vocab_s
 [MASK] output (zero mass on the mask), and at an unmasked position the prediction is the token itself (SUBS; such
 a position adds nothing to the loss and the sampler never changes it). No time conditioning, as MDLM's default:
 the share of masks tells the network t, and its output then depends on z_t alone, which makes the sampler's cache
-exact.
+exact (adaLN time conditioning, as the continuous model has, did no better in a 300-step check: dev/LOG.md).
 
 The bound. One reverse step t -> s of the discrete-time ELBO is q(z_s | z_t, x) against q(z_s | z_t, x_theta(z_t)).
 An unmasked position is carried over in both (KL 0); a masked one is unmasked with probability
-(alpha_s - alpha_t) / (1 - alpha_t), to x under q and to x_theta's draw under the model, so its KL is that
-probability times -log x_theta(x^l | z_t). Summed over ever finer steps:
+(alpha_s - alpha_t) / (1 - alpha_t), to x under q and to x_theta's draw under the model (which has no mass on
+[MASK], so the stay-masked terms cancel), so its KL is that probability times -log x_theta(x^l | z_t). Summed over
+ever finer steps:
 
     -log p(x) <= int_eps^1 (-alpha_t' / (1 - alpha_t)) E_q[ sum_{l masked in z_t} -log x_theta(x^l | z_t) ] dt + R
               =  int_eps^1 (1 / t) E_q[ sum_{masked l} CE_l(z_t) ] dt + R          (alpha_t' = -1, 1 - alpha_t = t)
 
 with no prior term (z_1 is all mask whatever x is) and R = E_q[ sum_{masked l} CE_l(z_eps) ], the reconstruction
-of the t = eps masks (eps = T_MIN keeps the 1/t weight finite; R is about eps * seq_len * CE). The training loss is
+of the t = eps masks (eps = T_MIN keeps the 1/t weight bounded; R is about eps * seq_len * CE). The training loss is
 the integrand at one stratified t per row, per token; token_nll() estimates the whole right-hand side with
 bound_samples stratified t per sequence, plus R.
 """

@@ -1,5 +1,6 @@
 """
-Train the diffusion language model (or, with --model gpt, the autoregressive baseline, by the same loop).
+Train the diffusion language model (or, by the same loop, --model gpt: the autoregressive baseline, --model masked:
+masked diffusion, MDLM).
 
     python -m scripts.diffusion_train --depth=4 --device_batch_size=1 --num_iterations=100     # CPU smoke run
     python -m scripts.diffusion_train --num_iterations 5000 --depth 12                         # one GPU
