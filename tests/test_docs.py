@@ -119,7 +119,7 @@ def test_command_module_and_flags(doc, module, args):
     assert path.is_file(), f"{doc}: no module {module}"
     parser = get_parser(module)
     check_flag_names(doc, module, parser, args)
-    for passed_on in ("--diffusion_args", "--gpt_args"):  # scripts.compare's flags for diffusion_train
+    for passed_on in ("--diffusion_args", "--gpt_args", "--masked_args"):  # scripts.compare's flags for diffusion_train
         if module == "scripts.compare" and passed_on in args:
             inner = shlex.split(args[args.index(passed_on) + 1])
             check_flag_names(doc, "scripts.diffusion_train", get_parser("scripts.diffusion_train"), inner)
@@ -179,7 +179,7 @@ README_SECTIONS = {
             "Conditional training", "Block diffusion", "Local mixing", "Samplers", "The likelihood bound",
             "Training loop", "The whole pipeline: speedrun.sh", "Data: nanochat.dataset", "Tokenizer: tok_train",
             "Training: diffusion_train", "Sampling: diffusion_sample", "Evaluation: diffusion_eval",
-            "A tour: diffusion_demo", "Diffusion vs GPT at equal compute: compare", "Throughput: bench",
+            "A tour: diffusion_demo", "The three models at equal compute: compare", "Throughput: bench",
             "Ablations: experiments/ablate.sh"),
 }
 DELETED_OPTIONS = ("--posterior_input", "--token_noise_rate", "--time_warp", "--time_cond", "--posterior_skip",
