@@ -91,14 +91,19 @@ def save_model_file(path, step, model, model_type, tokenizer, meta=None):
     }, path)
 
 
+def load_file(path, what, hint=""):
+    """torch.load of plain tensors and values (nothing is unpickled), or one UserError for a missing or damaged file."""
+    if not os.path.isfile(path):
+        raise UserError(f"no {what} at {path}{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, or (refused) pickled objects
+        raise UserError(f"{path} is not a readable {what} (truncated, or not a checkpoint file): {type(e).__name__}") from None
+
+
 def read_checkpoint(path):
     """The checkpoint dict, or one clear UserError for a missing, corrupt or incompatible file."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}; train one with: python -m scripts.diffusion_train")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, or (refused) pickled objects
-        raise UserError(f"{path} is not a readable checkpoint (truncated, or not a checkpoint file): {type(e).__name__}") from None
+    ckpt = load_file(path, "checkpoint", "; train one with: python -m scripts.diffusion_train")
     found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
     if isinstance(found, str) and found.startswith("nanochat-diffusion/") and found != FORMAT:
         raise UserError(f"{path} was written by another version of this code (format {found!r}; this one reads "
@@ -115,12 +120,7 @@ STATE_KEYS = ("optimizers", "loaders", "world_size", "grad_accum", "history")
 
 def read_state(path):
     """A state file's dict, or one clear UserError for a missing, damaged or foreign file (nothing is unpickled)."""
-    if not os.path.isfile(path):
-        raise UserError(f"no state file at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, or (refused) pickled objects
-        raise UserError(f"{path} is not a readable state file (truncated, or not a checkpoint file): {type(e).__name__}") from None
+    state = load_file(path, "state file")
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
     if missing:
         raise UserError(f"{path} is not a state file of this code (it lacks {', '.join(missing)})")
