@@ -61,8 +61,8 @@ def train_parser(model, description=__doc__):
     config_cls, model_cls = MODEL_TYPES[model]
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", choices=list(MODEL_TYPES), default="diffusion", help="the diffusion model, or the autoregressive baseline "
-      "(each has its own model flags and learning rates: see --model gpt --help)")
+    a("--model", choices=list(MODEL_TYPES), default="diffusion", help="diffusion (continuous), gpt (the autoregressive "
+      "baseline) or masked (MDLM); each has its own model flags and learning rates: see --model gpt --help")
     add_config_args(p, config_cls, skip={"vocab_size"})
     # data
     a("--data_dir", default=None, help="folder of parquet shards (default: $NANOCHAT_BASE_DIR/base_data, downloaded if empty)")
