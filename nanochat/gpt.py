@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.transformer import Block, LanguageModel, TransformerConfig, norm
+from nanochat.transformer import TokenTransformer, TransformerConfig, norm
 
 
 @dataclass
@@ -32,32 +32,9 @@ class KVCache:
         return self.k, self.v
 
 
-class GPT(LanguageModel):
+class GPT(TokenTransformer):
     def __init__(self, config):
-        super().__init__(config)
-        rng = torch.get_rng_state()  # the modules' default init must not shift the seeded draws of init_weights()
-        d = config.model_dim
-        self.wte = nn.Embedding(config.vocab_size, d)
-        self.blocks = nn.ModuleList([Block(d, config.n_head, causal=True) for _ in range(config.depth)])
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        torch.set_rng_state(rng)
-        self.init_weights()
-
-    def init_weights(self):
-        super().init_weights()
-        nn.init.normal_(self.wte.weight, std=1.0)
-        nn.init.zeros_(self.lm_head.weight)
-
-    def matmul_params(self):
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("wte."))
-
-    def flops_per_token(self, seq_len=None):
-        T = seq_len or self.config.max_seq_len
-        return 6 * self.matmul_params() + 12 * self.config.depth * self.config.model_dim * T
-
-    def param_groups(self):
-        matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.")]
-        return dict(matrix=matrix, embedding=[self.wte.weight], head=[self.lm_head.weight], other=[], mix=[])
+        super().__init__(config, causal=True, input_rows=config.vocab_size)
 
     def logits(self, idx, start=0, kv_caches=None):
         T = idx.size(1)

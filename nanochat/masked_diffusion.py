@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.diffusion_roberta import sample_known, sample_t
-from nanochat.transformer import Block, LanguageModel, TransformerConfig, knob, norm
+from nanochat.transformer import TokenTransformer, TransformerConfig, knob, norm
 
 T_MIN = 1e-3  # the smallest masking probability, as in MDLM: t in [T_MIN, 1]
 
@@ -50,39 +50,14 @@ class MaskedDiffusionConfig(TransformerConfig):
         ])
 
 
-class MaskedDiffusion(LanguageModel):
+class MaskedDiffusion(TokenTransformer):
     nll_kind = "likelihood bound"  # token_nll() is an upper bound on the NLL
     sampler_defaults = dict(num_steps=128)
     can_infill = True
 
     def __init__(self, config):
-        super().__init__(config)
-        rng = torch.get_rng_state()  # the modules' default init must not shift the seeded draws of init_weights()
-        d = config.model_dim
-        self.mask_id = config.vocab_size
-        self.wte = nn.Embedding(config.vocab_size + 1, d)  # the real tokens and [MASK]
-        self.blocks = nn.ModuleList([Block(d, config.n_head, causal=False) for _ in range(config.depth)])
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)  # no [MASK] output
-        torch.set_rng_state(rng)
-        self.init_weights()
-
-    def init_weights(self):
-        super().init_weights()
-        nn.init.normal_(self.wte.weight, std=1.0)
-        nn.init.zeros_(self.lm_head.weight)
-
-    def matmul_params(self):
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("wte."))
-
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token, counted as for the GPT: 6N (N the matrices, head included) plus attention,
-        which here is over every position pair (the GPT's formula counts them all too)."""
-        T = seq_len or self.config.max_seq_len
-        return 6 * self.matmul_params() + 12 * self.config.depth * self.config.model_dim * T
-
-    def param_groups(self):
-        matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.")]
-        return dict(matrix=matrix, embedding=[self.wte.weight], head=[self.lm_head.weight], other=[], mix=[])
+        super().__init__(config, causal=False, input_rows=config.vocab_size + 1)  # the real tokens and [MASK]
+        self.mask_id = config.vocab_size  # the head has no [MASK] output
 
     def logits(self, z):
         """(B, T, vocab_size) float logits of x at every position of z (ids, [MASK] included)."""

@@ -194,3 +194,35 @@ class LanguageModel(nn.Module):
             (all(0 <= w < self.config.vocab_size for w in known.values()), "prompt / known token ids must be < vocab_size"),
         ])
         return known
+
+
+class TokenTransformer(LanguageModel):
+    """A token table, the blocks and a head over the vocabulary: the GPT (causal) and the masked diffusion model
+    (bidirectional, one more input row for [MASK]) share this body and its bookkeeping."""
+
+    def __init__(self, config, causal, input_rows):
+        super().__init__(config)
+        rng = torch.get_rng_state()  # the modules' default init must not shift the seeded draws of init_weights()
+        d = config.model_dim
+        self.wte = nn.Embedding(input_rows, d)
+        self.blocks = nn.ModuleList([Block(d, config.n_head, causal=causal) for _ in range(config.depth)])
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        torch.set_rng_state(rng)
+        self.init_weights()
+
+    def init_weights(self):
+        super().init_weights()
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.zeros_(self.lm_head.weight)
+
+    def matmul_params(self):
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("wte."))
+
+    def flops_per_token(self, seq_len=None):
+        """6N (N the matrices, head included) plus attention over every position pair."""
+        T = seq_len or self.config.max_seq_len
+        return 6 * self.matmul_params() + 12 * self.config.depth * self.config.model_dim * T
+
+    def param_groups(self):
+        matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.")]
+        return dict(matrix=matrix, embedding=[self.wte.weight], head=[self.lm_head.weight], other=[], mix=[])
