@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.evaluate import unigram_log_prior
 from nanochat.transformer import Block, LanguageModel, TransformerConfig, knob, norm
 
 OBJECTIVES = ("logits", "eps")
@@ -43,6 +44,7 @@ class DiffusionConfig(TransformerConfig):
     elbo_weight: float = knob(1.0, "add this times the ELBO-weighted MSE (the bound's diffusion term) to the loss")
     block_size: int = knob(0, "0: diffuse the whole sequence | K: blocks of K tokens, each given the clean blocks before it")
     local_mix: int = knob(3, "K > 0 (odd): before every block, each position adds a learned depthwise mix of its K-neighbourhood")
+    output_prior: bool = knob(False, "logits objective: add the training data's log unigram frequencies to the logits")
 
     def __post_init__(self):
         super().__post_init__()
@@ -213,6 +215,9 @@ class DiffusionRoBERTa(LanguageModel):
         # learning to attend to it (Canon layers, Allen-Zhu 2025), as the current token reaches a GPT's prediction
         self.local_mix = nn.Parameter(torch.zeros(config.depth, config.local_mix, d)) if config.local_mix else None
         self.head = nn.Linear(d, config.vocab_size if config.objective == "logits" else e, bias=False)
+        # the output prior: with the posterior skip, the untrained model is the best denoiser that sees each token
+        # alone, and the network learns only what context adds (saved with the weights; zeros = uniform)
+        self.register_buffer("log_prior", torch.zeros(config.vocab_size))
         torch.set_rng_state(rng)
         self.init_weights()
 
@@ -224,8 +229,15 @@ class DiffusionRoBERTa(LanguageModel):
         nn.init.zeros_(self.self_cond_proj.weight)
         nn.init.zeros_(self.known_embed)
         nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.log_prior)
         if self.local_mix is not None:
             nn.init.zeros_(self.local_mix)
+
+    @torch.no_grad()
+    def fit_unigram_prior(self, batches):
+        """With output_prior, the log unigram frequencies of the (B, T) token batches become the output prior."""
+        if self.config.output_prior and self.config.objective == "logits":
+            self.log_prior.copy_(unigram_log_prior(batches, self.config.vocab_size))
 
     # --- bookkeeping -------------------------------------------------------
 
@@ -327,7 +339,7 @@ class DiffusionRoBERTa(LanguageModel):
         out = self.denoise(z, level, known, x0_self_cond, context, offset).float()
         if self.config.objective == "logits":
             # the posterior skip: the network only has to learn what context adds; at low noise it identifies the token
-            logits = out + self.token_evidence(z, level, known, E)
+            logits = out + self.token_evidence(z, level, known, E) + self.log_prior
             logits = logits if temperature == 1 else logits / temperature
             return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
         x0 = (z - level.sigma * out) / level.alpha  # eps: invert z = alpha x + sigma eps

@@ -20,6 +20,7 @@ partial file: the last checkpoint stays as it was. --keep_last keeps the newest 
 
 import argparse
 import hashlib
+import itertools
 import math
 import os
 import signal
@@ -53,6 +54,7 @@ LR_HELP = dict(matrix_lr="Muon, hidden matrices", embedding_lr="AdamW, token emb
 # the values below 1 that the --*_every flags take, and what they mean
 EVERY_SPECIAL = dict(eval_every={-1: "only at the end"}, save_every={-1: "only at the end"},
                      sample_every={-1: "only at the end", 0: "never"})
+PRIOR_TOKENS = 2**20  # training tokens counted for a model's unigram prior
 BYTES_PER_PARAMETER = 16  # fp32 weights and gradients, AdamW's two moments (Muon keeps one)
 
 
@@ -330,6 +332,9 @@ def train(args, ddp, rank, world_size, device):
         progress = resume(run)
     else:
         progress = Progress(run_id=new_run_id(ddp), loader_states=[None] * grad_accum)
+        # the same training tokens on every rank: identical models
+        prior_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, device=device)
+        model.fit_unigram_prior(itertools.islice(prior_loader, max(1, PRIOR_TOKENS // tokens_per_fwd)))
     start_step = progress.step
 
     # this rank's training streams and validation batches

@@ -168,6 +168,10 @@ class LanguageModel(nn.Module):
         self.rope_sin.copy_(sin)
         init_transformer_weights(self)
 
+    def fit_unigram_prior(self, batches):
+        """Statistics that a model takes from the training data before it trains: none here (batches, an iterator of
+        (B, T) training tokens, is left unread)."""
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 

@@ -10,6 +10,7 @@ from nanochat.diffusion_roberta import (
     OBJECTIVES, SCHEDULES, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, alpha_sigma, block_attention_mask,
     reverse_step, reverse_steps,
 )
+from nanochat.evaluate import unigram_log_prior
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from nanochat.masked_diffusion import MaskedDiffusion, MaskedDiffusionConfig
 from nanochat.transformer import apply_rotary, rotary_cos_sin
@@ -418,3 +419,26 @@ def test_meta_device_build_gives_the_weights_of_a_normal_build(build):
     la = normal(tokens)
     torch.manual_seed(0)
     assert torch.equal(la, built(tokens))
+
+
+def test_output_prior_makes_the_untrained_model_the_best_token_alone_denoiser():
+    """With output_prior the model fits the training tokens' unigram frequencies, and before training it is exactly
+    the best denoiser that sees each token alone (no context gain, at every noise level); the GPT takes no prior."""
+    torch.manual_seed(0)
+    V, T, B = 32, 16, 8
+    skewed = lambda: torch.multinomial(torch.arange(1, V + 1).float() ** 3, B * T, replacement=True).view(B, T)
+    model = DiffusionRoBERTa(tiny_config(vocab_size=V, max_seq_len=T, output_prior=True))
+    batches = [skewed() for _ in range(4)]
+    model.fit_unigram_prior(iter(batches))
+    log_prior = unigram_log_prior(batches, V)
+    assert torch.allclose(model.log_prior, log_prior)
+    rows = model.eval().context_gain(skewed(), log_prior, [-1.0, 2.0, 5.0])
+    assert all(abs(r["gain"]) < 1e-4 for r in rows), rows
+    assert rows[-1]["model_ce"] < math.log(V) - 0.3  # the prior, not a uniform guess, at high noise
+    restored = DiffusionRoBERTa(model.config)
+    restored.load_state_dict(model.state_dict())  # saved with the weights
+    assert torch.equal(restored.log_prior, model.log_prior)
+    off = DiffusionRoBERTa(tiny_config(vocab_size=V, max_seq_len=T))
+    off.fit_unigram_prior(iter(batches))
+    assert not off.log_prior.any()
+    GPT(GPTConfig(depth=1, vocab_size=V, max_seq_len=T)).fit_unigram_prior(iter(()))  # no prior: nothing read
