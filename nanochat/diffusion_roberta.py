@@ -216,8 +216,9 @@ class DiffusionRoBERTa(LanguageModel):
         self.local_mix = nn.Parameter(torch.zeros(config.depth, config.local_mix, d)) if config.local_mix else None
         self.head = nn.Linear(d, config.vocab_size if config.objective == "logits" else e, bias=False)
         # the output prior: with the posterior skip, the untrained model is the best denoiser that sees each token
-        # alone, and the network learns only what context adds (saved with the weights; zeros = uniform)
-        self.register_buffer("log_prior", torch.zeros(config.vocab_size))
+        # alone, and the network learns only what context adds (saved with the weights)
+        use_prior = config.output_prior and config.objective == "logits"
+        self.register_buffer("log_prior", torch.zeros(config.vocab_size) if use_prior else None)
         torch.set_rng_state(rng)
         self.init_weights()
 
@@ -229,14 +230,15 @@ class DiffusionRoBERTa(LanguageModel):
         nn.init.zeros_(self.self_cond_proj.weight)
         nn.init.zeros_(self.known_embed)
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.log_prior)
+        if self.log_prior is not None:
+            nn.init.zeros_(self.log_prior)
         if self.local_mix is not None:
             nn.init.zeros_(self.local_mix)
 
     @torch.no_grad()
     def fit_unigram_prior(self, batches):
         """With output_prior, the log unigram frequencies of the (B, T) token batches become the output prior."""
-        if self.config.output_prior and self.config.objective == "logits":
+        if self.log_prior is not None:
             self.log_prior.copy_(unigram_log_prior(batches, self.config.vocab_size))
 
     # --- bookkeeping -------------------------------------------------------
@@ -339,7 +341,8 @@ class DiffusionRoBERTa(LanguageModel):
         out = self.denoise(z, level, known, x0_self_cond, context, offset).float()
         if self.config.objective == "logits":
             # the posterior skip: the network only has to learn what context adds; at low noise it identifies the token
-            logits = out + self.token_evidence(z, level, known, E) + self.log_prior
+            logits = out + self.token_evidence(z, level, known, E)
+            logits = logits if self.log_prior is None else logits + self.log_prior
             logits = logits if temperature == 1 else logits / temperature
             return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
         x0 = (z - level.sigma * out) / level.alpha  # eps: invert z = alpha x + sigma eps
