@@ -72,7 +72,7 @@ def judged_nats(judge, token_lists, bos_id=None, batch_size=32, context=0):
     sample are context only too (a prompt: the NLL of the continuation given it)."""
     device = judge.wte.weight.device
     rows = [([bos_id] if bos_id is not None else []) + list(t) for t in token_lists]
-    first = context + (0 if bos_id is not None else 1)  # the index in a row of its first scored token
+    first = context + 1 if bos_id is not None else max(context, 1)  # the index in a row of its first scored token
     longest, vocab = max(map(len, rows), default=0), judge.config.vocab_size
     if longest > judge.config.max_seq_len:
         raise UserError(f"samples of {longest} tokens (with BOS) are longer than the judge's max_seq_len "
