@@ -50,6 +50,20 @@ def check_seed(seed, flag="--seed"):
         raise UserError(f"{flag} must be an integer in 0..2**63-1, got {seed}")
 
 
+def write_text_atomic(path, text, flag="--output"):
+    """text to path through a temporary file and a rename: never a half-written file; one UserError if it fails."""
+    tmp = os.fspath(path) + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {flag} {path}: {e.strerror}") from None
+
+
 def format_bytes(n):
     return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
@@ -74,11 +88,11 @@ parse_bool.__name__ = "0/1"  # argparse names the type in its error message
 
 
 def add_config_args(parser, config_cls, skip=()):
-    """One flag --name per field of a config dataclass (its type, default and help); the config's __post_init__
-    validates the values."""
+    """One flag --name per knob of a config dataclass (its type, default and help; a field declared without knob(),
+    such as the label set that the data decides, is no flag); the config's __post_init__ validates the values."""
     group = parser.add_argument_group(f"model ({config_cls.__name__})")
     for f in fields(config_cls):
-        if f.name not in skip:
+        if f.name not in skip and "help" in f.metadata:
             default = f.default if f.default is not MISSING else None
             group.add_argument(f"--{f.name}", type=parse_bool if f.type in (bool, "bool") else type(default),
                                default=default, help=f"{f.metadata.get('help', '')} (default: {default})")

@@ -6,6 +6,9 @@ which is cut into consecutive blocks of T tokens (blocks may span documents and 
 Rank r of W takes documents r, r+W, r+2W, ... of every row group, so ranks are disjoint and cover everything.
 Train: row groups are visited in a per-epoch permutation from random.Random(seed * 1000 + epoch), forever.
 Val: natural order, one pass, the final incomplete batch is dropped.
+With label_column (attribute conditioning), each batch is (tokens, labels), both (B, T) int64: every token carries
+the id in `labels` of its document's value of that column (BOS included; a row spanning two documents carries two
+labels), len(labels) (the null label) where the value is missing or not in `labels`. Order and state are the same.
 """
 
 import itertools
@@ -21,7 +24,7 @@ from nanochat.dataset import list_row_groups, read_row_group
 class DataLoader:
 
     def __init__(self, tokenizer, batch_size, seq_len, split, data_dir=None, rank=0, world_size=1, seed=0,
-                 device="cpu", state=None):
+                 device="cpu", state=None, label_column=None, labels=()):
         assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
         assert 0 <= rank < world_size, f"bad rank {rank} for world_size {world_size}"
         self.tokenizer = tokenizer
@@ -32,7 +35,9 @@ class DataLoader:
         state = state or {"epoch": 0, "rg_pos": 0, "token_offset": 0}
         # the next unread token is at token_offset within the tokens of row group order(epoch)[rg_pos]
         self.epoch, self.rg_pos, self.token_offset = int(state["epoch"]), int(state["rg_pos"]), int(state["token_offset"])
-        self._tokens = None  # cached tokens of the current row group (this rank's documents)
+        self.label_column = label_column
+        self.label_ids = {name: i for i, name in enumerate(labels)}
+        self._tokens = None  # cached tokens of the current row group (this rank's documents); with labels, (2, N)
 
     def state_dict(self):
         return {"epoch": self.epoch, "rg_pos": self.rg_pos, "token_offset": self.token_offset}
@@ -45,9 +50,15 @@ class DataLoader:
 
     def _load_tokens(self):
         path, index = self.row_groups[self._order(self.epoch)[self.rg_pos]]
-        docs = read_row_group(path, index)[self.rank::self.world_size]
+        if not self.label_column:
+            docs = read_row_group(path, index)[self.rank::self.world_size]
+            return np.fromiter(itertools.chain.from_iterable(self.tokenizer.encode(docs, prepend_bos=True)), dtype=np.int64)
+        docs, values = (column[self.rank::self.world_size] for column in read_row_group(path, index, self.label_column))
         ids = self.tokenizer.encode(docs, prepend_bos=True)
-        return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+        null = len(self.label_ids)
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+        labels = np.repeat(np.array([self.label_ids.get(v, null) for v in values], dtype=np.int64), [len(d) for d in ids])
+        return np.stack([tokens, labels])
 
     def __iter__(self):
         return self
@@ -67,13 +78,12 @@ class DataLoader:
                 continue
             if self._tokens is None:
                 self._tokens = self._load_tokens()
-            chunk = self._tokens[self.token_offset:self.token_offset + need]
+            chunk = self._tokens[..., self.token_offset:self.token_offset + need]
             parts.append(chunk)
-            need -= len(chunk)
-            self.token_offset += len(chunk)
-            if self.token_offset >= len(self._tokens):  # row group exhausted: move on
+            need -= chunk.shape[-1]
+            self.token_offset += chunk.shape[-1]
+            if self.token_offset >= self._tokens.shape[-1]:  # row group exhausted: move on
                 self.rg_pos, self.token_offset, self._tokens = self.rg_pos + 1, 0, None
-        x = torch.from_numpy(np.concatenate(parts)).view(self.B, self.T)
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device)
+        x = torch.from_numpy(np.concatenate(parts, axis=-1)).view(-1, self.B, self.T)  # (1 or 2, B, T)
+        x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x.to(self.device)
+        return (x[0], x[1]) if self.label_column else x[0]

@@ -1,6 +1,7 @@
 """
-Pretraining data: a directory of parquet shards with one `text` column.
-The last shard (sorted by name) is the validation split, all others are train.
+Pretraining data: a directory of parquet shards with one `text` column (and optionally more, e.g. a document's class
+for attribute conditioning: read_row_group's label_column). The last shard (sorted by name) is the validation split,
+all others are train.
 
     python -m nanochat.dataset -n 8                         # download 8 train shards + the val shard
     python -m nanochat.dataset --from_text a.txt b.jsonl --out DIR   # build shards from your own text
@@ -78,12 +79,32 @@ def list_row_groups(split, data_dir=None):
     return [(path, i) for path in split_files(split, data_dir) for i in range(open_parquet(path).num_row_groups)]
 
 
-def read_row_group(path, index):
+def read_row_group(path, index, label_column=None):
+    """The texts of a row group; with label_column, (texts, labels): each document's value of that column as a string
+    (None where it has none)."""
+    pf = open_parquet(path)
+    columns = ["text"] + ([label_column] if label_column else [])
+    if label_column and label_column not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no {label_column!r} column for --label_column (its columns: {pf.schema_arrow.names})")
     try:
-        texts = open_parquet(path).read_row_group(index, columns=["text"]).column("text").to_pylist()
+        table = pf.read_row_group(index, columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"failed to read row group {index} of {path} ({e}); delete it and download/build it again") from None
-    return [t for t in texts if t is not None]
+    texts = table.column("text").to_pylist()
+    if not label_column:
+        return [t for t in texts if t is not None]
+    labels = [None if v is None else str(v) for v in table.column(label_column).to_pylist()]
+    kept = [(t, v) for t, v in zip(texts, labels) if t is not None]
+    return [t for t, _ in kept], [v for _, v in kept]
+
+
+def label_values(label_column, data_dir=None):
+    """The sorted distinct values of label_column over the train split: a labelled model's label set."""
+    values = {v for path, index in list_row_groups("train", data_dir) for v in read_row_group(path, index, label_column)[1]}
+    values.discard(None)
+    if not values:
+        raise UserError(f"the {label_column!r} column of the train split holds no values: nothing to condition on")
+    return sorted(values)
 
 
 def parquets_iter_batched(split, data_dir=None):

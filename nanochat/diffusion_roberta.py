@@ -15,7 +15,7 @@ sigma_t^2 = sigmoid(gamma_t), where x is the (unit-norm, sqrt(embed_dim)-scaled)
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -45,6 +45,11 @@ class DiffusionConfig(TransformerConfig):
     block_size: int = knob(0, "0: diffuse the whole sequence | K: blocks of K tokens, each given the clean blocks before it")
     local_mix: int = knob(3, "K > 0 (odd): before every block, each position adds a learned depthwise mix of its K-neighbourhood")
     output_prior: bool = knob(False, "logits objective: add the training data's log unigram frequencies to the logits")
+    label_dropout: float = knob(0.15, "with --label_column: fraction of training rows whose labels become the null label "
+                                      "(one model both conditional and unconditional, for classifier-free guidance)")
+    # attribute conditioning's label set, from the data (--label_column: the column's sorted values over the train
+    # split), not a flag; empty = a model without labels
+    labels: list = field(default_factory=list)
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,7 +59,9 @@ class DiffusionConfig(TransformerConfig):
             (self.embed_dim >= 1, "embed_dim must be >= 1"),
             (math.isfinite(self.gamma_min) and math.isfinite(self.gamma_max) and self.gamma_min < self.gamma_max,
              "gamma_min must be below gamma_max (both finite)"),
-            (all(0 <= r <= 1 for r in (self.self_cond_rate, self.cond_rate)), "rates must lie in [0, 1]"),
+            (all(0 <= r <= 1 for r in (self.self_cond_rate, self.cond_rate, self.label_dropout)), "rates must lie in [0, 1]"),
+            (all(isinstance(l, str) and l for l in self.labels) and len(set(self.labels)) == len(self.labels),
+             f"labels must be distinct non-empty strings, got {self.labels}"),
             (self.bound_samples >= 1, "bound_samples must be >= 1"),
             (0 <= self.elbo_weight < math.inf, "elbo_weight must be finite and >= 0"),
             (self.block_size >= 0, "block_size must be >= 0 (0 = the whole sequence)"),
@@ -196,7 +203,8 @@ class DiffusionRoBERTa(LanguageModel):
     learning_rates = dict(matrix_lr=0.01, head_lr=0.001)
     # generate()'s sampler options and their defaults: noise at 0.85 of the reverse process's and a score temperature
     # of 0.9 sampled best against the GPT; both at 1 give the model's own reverse process
-    sampler_defaults = dict(num_steps=128, sampler="ddpm", noise_scale=0.85, score_temperature=0.9, clamp=False, compile=False)
+    sampler_defaults = dict(num_steps=128, sampler="ddpm", noise_scale=0.85, score_temperature=0.9, clamp=False, compile=False,
+                            label=None, guidance=0.0, guidance_space="logits", guidance_self_cond="own")
 
     def __init__(self, config):
         super().__init__(config)
@@ -209,6 +217,9 @@ class DiffusionRoBERTa(LanguageModel):
         self.context_embedding = nn.Embedding(config.vocab_size, d) if config.block_size else None
         self.self_cond_proj = nn.Linear(e, d, bias=False)  # zero-init: self-conditioning starts as a no-op
         self.known_embed = nn.Parameter(torch.zeros(d))  # marks clean (prompt / infill) positions
+        # attribute conditioning: a vector per label, the last row for "no label", added at every position (a token's
+        # label is its document's: a row spanning two documents is conditioned piecewise); zero-init: a no-op at first
+        self.label_embed = nn.Embedding(len(config.labels) + 1, d) if config.labels else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d, bias=False), nn.SiLU(), nn.Linear(d, d, bias=False))
         self.blocks = nn.ModuleList([Block(d, config.n_head, causal=False, modulated=True) for _ in range(config.depth)])
         # zero-init depthwise convolutions over positions: neighbours' evidence reaches every position without first
@@ -229,6 +240,8 @@ class DiffusionRoBERTa(LanguageModel):
             nn.init.normal_(self.context_embedding.weight, std=1.0)
         nn.init.zeros_(self.self_cond_proj.weight)
         nn.init.zeros_(self.known_embed)
+        if self.label_embed is not None:
+            nn.init.zeros_(self.label_embed.weight)
         nn.init.zeros_(self.head.weight)
         if self.log_prior is not None:
             nn.init.zeros_(self.log_prior)
@@ -246,7 +259,7 @@ class DiffusionRoBERTa(LanguageModel):
     def matmul_params(self):
         """Parameters that cost 2 FLOPs per token in the forward pass (not the embedding lookup, and not the
         time MLP / adaLN, which run once per sequence)."""
-        per_sequence = {"embedding", "context_embedding", "time_mlp", "modulation", "known_embed"}
+        per_sequence = {"embedding", "context_embedding", "time_mlp", "modulation", "known_embed", "label_embed"}
         return sum(p.numel() for n, p in self.named_parameters() if not per_sequence & set(n.split(".")))
 
     def flops_per_token(self, seq_len=None):
@@ -268,7 +281,8 @@ class DiffusionRoBERTa(LanguageModel):
         return flops
 
     def param_groups(self):
-        """Hidden matrices go to Muon; embeddings, head, local mixing, projections and scalars go to AdamW."""
+        """Hidden matrices go to Muon; embeddings, head, local mixing, projections and scalars go to AdamW (the label
+        vectors, added to the hidden state like known_embed, with it in "other")."""
         matrix = [p for n, p in self.named_parameters() if n.startswith("blocks.") and ".modulation." not in n]
         embedding = [t.weight for t in (self.embedding, self.context_embedding) if t is not None]
         head = [self.head.weight]
@@ -293,13 +307,16 @@ class DiffusionRoBERTa(LanguageModel):
         rows = torch.stack([alpha, sigma, alpha / sigma**2, elbo, time]).float().to(self.embedding.weight.device)
         return NoiseLevel(*(r[:, None, None] for r in rows[:4]), rows[4])
 
-    def denoise(self, z, level, known, x0_self_cond, context=None, offset=0):
+    def denoise(self, z, level, known, x0_self_cond, context=None, offset=0, labels=None):
         """One network evaluation: noisy embeddings z (B,T,e) at positions offset.. offset+T-1, their NoiseLevel,
         clean-position mask known (B,T), the previous x0 estimate (B,T,e) -> head output (B,T,vocab or e).
         Block diffusion: context (B,S) holds the clean token ids of positions 0..S-1, a second stream that each noisy
-        block sees up to its own start."""
+        block sees up to its own start. labels (B,T): each position's label id (None: the null label everywhere)."""
         T = z.size(1)
         h = self.in_proj(z) + self.self_cond_proj(x0_self_cond) + known[..., None] * self.known_embed
+        if self.label_embed is not None:
+            null = torch.full(z.shape[:2], len(self.config.labels), dtype=torch.long, device=z.device)
+            h = h + self.label_embed(null if labels is None else labels)
         positions, attn_mask = torch.arange(offset, offset + T, device=z.device), None
         if context is not None:
             h = torch.cat([h, self.context_embedding(context).to(h.dtype)], dim=1)
@@ -335,10 +352,10 @@ class DiffusionRoBERTa(LanguageModel):
         scale = torch.where(known[..., None], 100.0, level.evidence_scale)
         return (scale * z.float()) @ E.t()  # scaled in e dims, not V: cheaper
 
-    def predict_x0(self, z, level, known, x0_self_cond, temperature=1.0, context=None, offset=0):
+    def predict_x0(self, z, level, known, x0_self_cond, temperature=1.0, context=None, offset=0, labels=None):
         """Denoise and express the result as (x0_hat (B,T,e), logits (B,T,V)), whatever the objective."""
         E = self.embed_matrix()
-        out = self.denoise(z, level, known, x0_self_cond, context, offset).float()
+        out = self.denoise(z, level, known, x0_self_cond, context, offset, labels).float()
         if self.config.objective == "logits":
             # the posterior skip: the network only has to learn what context adds; at low noise it identifies the token
             logits = out + self.token_evidence(z, level, known, E)
@@ -363,13 +380,13 @@ class DiffusionRoBERTa(LanguageModel):
         coin = not self.training or torch.rand(()).item() < self.config.self_cond_rate
         return level, self.config.self_cond and coin
 
-    def self_condition(self, z, level, known, x, context=None, first_pass=None):
+    def self_condition(self, z, level, known, x, context=None, first_pass=None, labels=None):
         """The self-conditioning input: zeros, or a no-grad first estimate of x0 (with first_pass, as drawn for a
         training micro-batch; always when evaluating). Clean positions carry their true embedding."""
         x0_sc = torch.zeros_like(z)
         if self.config.self_cond if first_pass is None else first_pass:
             with torch.no_grad():
-                x0_sc = self.predict_x0(z, level, known, x0_sc, context=context)[0]
+                x0_sc = self.predict_x0(z, level, known, x0_sc, context=context, labels=labels)[0]
         return torch.where(known[..., None], x, x0_sc)
 
     def clean_length(self, seq_len):
@@ -382,15 +399,32 @@ class DiffusionRoBERTa(LanguageModel):
         """Block diffusion's clean stream (ids) for whole (B,T) sequences; None for whole-sequence diffusion."""
         return tokens[:, : self.clean_length(tokens.size(1))] if self.config.block_size else None
 
-    def forward(self, tokens):
-        """The training loss (a scalar) for a (B, T) batch of token ids."""
+    def drop_labels(self, tokens, labels):
+        """The (B, T) label ids of a training batch (None: none), checked, with the null label on label_dropout of the
+        rows in training mode (condition dropout: the unconditional model that guidance needs)."""
+        if labels is None:
+            return None
+        if self.label_embed is None:
+            raise ValueError("labels given to a model without labels: train it with --label_column")
+        if labels.shape != tokens.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of the tokens {tuple(tokens.shape)}")
+        if not self.training or self.config.label_dropout == 0:
+            return labels
+        dropped = torch.rand(labels.size(0), device=labels.device) < self.config.label_dropout
+        return labels.masked_fill(dropped[:, None], len(self.config.labels))
+
+    def forward(self, tokens, labels=None):
+        """The training loss (a scalar) for a (B, T) batch of token ids, each with its label id (B, T) when the model
+        has labels (None: the null label everywhere)."""
         B, T = tokens.shape
         level, first_pass = self.draw_noise(B)
         x = F.embedding(tokens, self.embed_matrix())
         known = sample_known(B, T, self.config.cond_rate if self.training else 0.0, tokens.device)
+        labels = self.drop_labels(tokens, labels)
         z, eps = self.noised(x, level, known)
         context = self.clean_context(tokens)
-        x0_hat, logits = self.predict_x0(z, level, known, self.self_condition(z, level, known, x, context, first_pass), context=context)
+        x0_sc = self.self_condition(z, level, known, x, context, first_pass, labels)
+        x0_hat, logits = self.predict_x0(z, level, known, x0_sc, context=context, labels=labels)
         loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, T)
         if self.config.elbo_weight > 0:  # the per-token diffusion term of nll_bound at this timestep
             loss = loss + self.config.elbo_weight * level.elbo_weight[..., 0] * (x - x0_hat).square().sum(-1)
@@ -462,12 +496,33 @@ class DiffusionRoBERTa(LanguageModel):
     @classmethod
     def check_sampler(cls, temperature, settings):
         super().check_sampler(temperature, settings)
+        g = settings["guidance"]
         TransformerConfig.check([
             (isinstance(settings["num_steps"], int) and settings["num_steps"] >= 1, f"num_steps must be an integer >= 1, got {settings['num_steps']}"),
             (settings["sampler"] in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {settings['sampler']!r}"),
             (0 <= settings["noise_scale"] < math.inf, f"noise_scale must be finite and >= 0, got {settings['noise_scale']}"),
             (0 < settings["score_temperature"] < math.inf, f"score_temperature must be finite and > 0, got {settings['score_temperature']}"),
+            (settings["label"] is None or isinstance(settings["label"], str), f"label must be a label name, got {settings['label']!r}"),
+            (isinstance(g, (int, float)) and 0 <= g < math.inf, f"guidance must be finite and >= 0 (0 = no guidance), got {g}"),
+            (settings["guidance_space"] in ("logits", "x0"), "guidance_space: logits or x0"),
+            (settings["guidance_self_cond"] in ("own", "guided"), "guidance_self_cond: own or guided"),
         ])
+
+    def check_settings(self, settings):
+        """What sampler_settings cannot check without the model: that it knows the label."""
+        self.label_index(settings["label"])
+
+    def label_index(self, label):
+        """The id of a label name (None: the null label); ValueError naming the model's labels if it has no such label."""
+        labels = self.config.labels
+        if label is None:
+            return len(labels)
+        if not labels:
+            raise ValueError(f"label {label!r}: this model was trained without --label_column, so it has no labels; "
+                             f"sample it without a label, or train one with --label_column")
+        if label not in labels:
+            raise ValueError(f"unknown label {label!r}: this model's labels are {', '.join(labels)}")
+        return labels.index(label)
 
     def describe_sampler(self, settings):
         """'128 ddpm steps, noise x0.85, score temperature 0.9' (what a report says about how samples were drawn)."""
@@ -478,6 +533,8 @@ class DiffusionRoBERTa(LanguageModel):
             how += f", score temperature {settings['score_temperature']:g}"
         how += ", clamped" if settings["clamp"] else ""
         how += ", compiled" if settings["compile"] else ""
+        how += f", label {settings['label']!r}" if settings["label"] is not None else ""
+        how += f", guidance {settings['guidance']:g}" if settings["guidance"] else ""
         return how + (f", blocks of {self.config.block_size} tokens left to right" if self.config.block_size else "")
 
     def progress_steps(self, seq_len, known, settings):
@@ -496,13 +553,19 @@ class DiffusionRoBERTa(LanguageModel):
         ancestral noise. options (sampler_defaults): num_steps; sampler ddpm (ancestral) or ddim (deterministic);
         noise_scale scales the ancestral noise further; score_temperature divides the predicted noise, which sharpens
         every step towards the denoised estimate (Plaid's score temperature); clamp snaps each x0 estimate to its
-        nearest token embedding (Diffusion-LM); compile runs the denoiser through torch.compile. With
-        return_trajectory, also returns the list of argmax token estimates after every step. callback() runs after
-        every step (progress bars).
+        nearest token embedding (Diffusion-LM); compile runs the denoiser through torch.compile; label conditions
+        every position on one of the model's labels (config.labels); guidance w > 0 is classifier-free guidance
+        (Ho & Salimans 2022): every step also runs the network without the conditions (no label, no known tokens),
+        and the estimate becomes cond + w * (cond - uncond). With return_trajectory, also returns the list of argmax
+        token estimates after every step. callback() runs after every step (progress bars).
         With block_size K, the blocks of K tokens are generated left to right, num_steps each, every block given
-        the clean tokens before it (semi-autoregressive, as in SSD-LM and BD3-LM)."""
+        the clean tokens before it (semi-autoregressive, as in SSD-LM and BD3-LM); guidance drops the label and the
+        known tokens of the block being generated, while the clean blocks before it stay its context."""
         c, o = self.config, self.sampler_settings(temperature, **options)
         known = self.check_known(seq_len, known)
+        label, w = self.label_index(o["label"]), o["guidance"]
+        if w and not known and o["label"] is None:
+            raise ValueError("guidance strengthens a condition, and there is none: give a label or known tokens (a prompt)")
         device = self.embedding.weight.device
         B, E, num_steps = num_samples, self.embed_matrix(), o["num_steps"]
         known_mask = torch.zeros(B, seq_len, dtype=torch.bool, device=device)
@@ -517,28 +580,51 @@ class DiffusionRoBERTa(LanguageModel):
         tokens = known_ids.clone()
         trajectory = []
         predict_x0 = torch.compile(self.predict_x0) if o["compile"] else self.predict_x0
+
+        def finish(x0_hat, logits, mask, xk):  # what the sampler makes of an estimate: clamped, known tokens kept
+            if o["clamp"]:
+                x0_hat = F.embedding(logits.argmax(-1), E)
+            return torch.where(mask[..., None], xk, x0_hat)
+
         K = c.block_size or seq_len  # whole-sequence diffusion is one block
         for start in range(0, seq_len, K):  # block diffusion: each block given the clean tokens decided before it
             end = min(start + K, seq_len)
             mask, ids, xk = known_mask[:, start:end], known_ids[:, start:end], x_known[:, start:end]
+            no_mask = torch.zeros_like(mask)
+            labels = torch.full((B, end - start), label, device=device) if o["label"] is not None else None
             context = tokens[:, :start] if c.block_size else None
             z = torch.randn(B, end - start, c.embed_dim, device=device, generator=generator)
-            x0_sc = torch.zeros_like(z)
+            x0_sc = x0_sc_uncond = torch.zeros_like(z)  # each branch's previous estimate, for self-conditioning
             for i in range(num_steps):
-                z = torch.where(mask[..., None], xk, z)
-                x0_hat, logits = predict_x0(z, levels.at(i), mask, x0_sc if c.self_cond else torch.zeros_like(z),
-                                            temperature, context, start)
-                if o["clamp"]:
-                    x0_hat = F.embedding(logits.argmax(-1), E)
-                x0_hat = torch.where(mask[..., None], xk, x0_hat)
-                x0_sc = x0_hat
-                z = reverse_step(z, x0_hat, steps[i], generator)
+                z_known = torch.where(mask[..., None], xk, z)
+                x0_hat, logits = predict_x0(z_known, levels.at(i), mask, x0_sc if c.self_cond else torch.zeros_like(z),
+                                            temperature, context, start, labels)
+                if w:  # the unconditional estimate: no label, and the known positions left to the sampler's own latent z
+                    x0_u, logits_u = predict_x0(z, levels.at(i), no_mask, x0_sc_uncond if c.self_cond else torch.zeros_like(z),
+                                                temperature, context, start, None)
+                    x0_g, logits_g = self.guide(x0_hat, logits, x0_u, logits_u, w, o["guidance_space"], E)
+                    if o["guidance_self_cond"] == "own":
+                        x0_sc, x0_sc_uncond = finish(x0_hat, logits, mask, xk), finish(x0_u, logits_u, no_mask, xk)
+                    x0_hat, logits = x0_g, logits_g
+                x0_hat = finish(x0_hat, logits, mask, xk)
+                if not w or o["guidance_self_cond"] == "guided":
+                    x0_sc = x0_sc_uncond = x0_hat
+                z = reverse_step(z_known, x0_hat, steps[i], generator)
                 if return_trajectory:
                     trajectory.append(torch.cat([tokens[:, :start], torch.where(mask, ids, logits.argmax(-1))], dim=1))
                 if callback is not None:
                     callback()
             tokens[:, start:end] = torch.where(mask, ids, logits.argmax(-1))
         return (tokens, trajectory) if return_trajectory else tokens
+
+    @staticmethod
+    def guide(x0_c, logits_c, x0_u, logits_u, w, space, E):
+        """Classifier-free guidance: (x0, logits) of cond + w * (cond - uncond)."""
+        if space == "logits":
+            logits = logits_c + w * (logits_c - logits_u)
+            return torch.softmax(logits, dim=-1) @ E, logits
+        x0 = x0_c + w * (x0_c - x0_u)
+        return x0, x0 @ E.t()
 
 
 def reverse_steps(gammas, sampler, noise_scale, score_temperature):

@@ -9,7 +9,8 @@ A sample is a list of token ids (the generated part, without the BOS it was star
     repetition_rate   fraction of a sample's n-grams (default 4-grams) that already occurred earlier in the
                       same sample, pooled over the samples: 0 = no repeats, near 1 = loops
     generative_nll    mean nats per token of the samples under an autoregressive judge (a GPT checkpoint
-                      with the same tokenizer); generative perplexity = exp(generative_nll)
+                      with the same tokenizer); generative perplexity = exp(generative_nll); with context, of
+                      the continuation given a prompt (judged_nats: per sample)
 """
 
 import math
@@ -65,33 +66,39 @@ def load_judge(path, tokenizer, device="cpu"):
 
 
 @torch.no_grad()
-def generative_nll(judge, token_lists, bos_id=None, batch_size=32):
-    """Mean nats per token of the samples under the judge GPT, over all scored tokens. With bos_id, it is
-    prepended so that every sample token is scored; without, each sample's first token is context only."""
+def judged_nats(judge, token_lists, bos_id=None, batch_size=32, context=0):
+    """(summed nats, scored tokens) of each sample under the judge GPT. With bos_id, it is prepended so that every
+    sample token is scored; without, each sample's first token is context only. The first `context` tokens of every
+    sample are context only too (a prompt: the NLL of the continuation given it)."""
     device = judge.wte.weight.device
     rows = [([bos_id] if bos_id is not None else []) + list(t) for t in token_lists]
-    rows = [r for r in rows if len(r) >= 2]
-    if not rows:
-        return float("nan")
-    longest, vocab = max(map(len, rows)), judge.config.vocab_size
+    first = context + 1 if bos_id is not None else max(context, 1)  # the index in a row of its first scored token
+    longest, vocab = max(map(len, rows), default=0), judge.config.vocab_size
     if longest > judge.config.max_seq_len:
         raise UserError(f"samples of {longest} tokens (with BOS) are longer than the judge's max_seq_len "
                         f"{judge.config.max_seq_len}; use shorter samples")
     if any(not 0 <= i < vocab for r in rows for i in r):
         raise UserError(f"sample token ids fall outside the judge's vocabulary of {vocab}: another tokenizer?")
-    total_nats, total_tokens = 0.0, 0
+    nats, counts = [], []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long, device=device)
+        width = max(2, max(map(len, chunk)))
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids, dtype=torch.bool)
         for j, r in enumerate(chunk):
-            ids[j, :len(r)] = torch.tensor(r)
-            mask[j, :len(r)] = True
+            ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[j, first:len(r)] = True
         logits = judge.logits(ids[:, :-1])
         nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(chunk), -1)
-        total_nats += (nll * mask[:, 1:]).sum().item()
-        total_tokens += mask[:, 1:].sum().item()
-    return total_nats / total_tokens
+        nats += (nll * mask[:, 1:]).sum(1).tolist()
+        counts += mask[:, 1:].sum(1).tolist()
+    return nats, counts
+
+
+def generative_nll(judge, token_lists, bos_id=None, batch_size=32, context=0):
+    """Mean nats per scored token of the samples under the judge GPT (see judged_nats); nan if none is scored."""
+    nats, counts = judged_nats(judge, token_lists, bos_id, batch_size, context)
+    return sum(nats) / sum(counts) if sum(counts) else float("nan")
 
 
 def sample_quality(token_lists, judge=None, bos_id=None):

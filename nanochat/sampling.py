@@ -57,9 +57,10 @@ def decode(tokenizer, ids):
     return tokenizer.decode(ids)
 
 
-def add_sampler_args(parser):
+def add_sampler_args(parser, conditioning=True):
     """Flags for the options of a model's generate() (its sampler_defaults). A flag left out keeps the model's
-    default; one the model has no use for is an error (a GPT has no sampler options)."""
+    default; one the model has no use for is an error (a GPT has no sampler options). conditioning=False leaves out
+    --label and --guidance (for scripts whose models are trained without labels)."""
     d = DiffusionRoBERTa.sampler_defaults
     a = parser.add_argument
     a("--sampler", default=None, help=f"diffusion: {' or '.join(SAMPLERS)} (ancestral / deterministic); default {d['sampler']}")
@@ -68,19 +69,31 @@ def add_sampler_args(parser):
       help=f"diffusion: divides the predicted noise, < 1 sharpens every step (1 = the reverse process's; default {d['score_temperature']})")
     a("--clamp", action="store_const", const=True, default=None, help="diffusion: snap every x0 estimate to its nearest token embedding (Diffusion-LM)")
     a("--compile", action="store_const", const=True, default=None, help="diffusion: torch.compile the denoiser")
+    if conditioning:
+        a("--label", default=None, help="diffusion trained with --label_column: condition on this label (one of the "
+          "column's values, stored in the checkpoint; an unknown one is an error that lists them)")
+        a("--guidance", type=float, default=None, help="diffusion: classifier-free guidance weight w >= 0 on the label and "
+          "the prompt / infill text: cond + w * (cond - uncond), one more network pass per step (default 0 = none)")
     a("--dtype", choices=DTYPES, default=None, help="bfloat16: bf16 autocast (the default on CUDA); float32 (the default elsewhere)")
 
 
 def sampler_options(args, **more):
-    """The add_sampler_args flags that were given (and more, e.g. num_steps), as generate() options."""
-    return {k: v for k, v in dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature,
-                                  clamp=args.clamp, compile=args.compile, **more).items() if v is not None}
+    """The add_sampler_args flags that were given, updated by more (e.g. num_steps; None = not given), as generate()
+    options."""
+    options = dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature,
+                   clamp=args.clamp, compile=args.compile, label=getattr(args, "label", None),
+                   guidance=getattr(args, "guidance", None)) | more
+    return {k: v for k, v in options.items() if v is not None}
 
 
-def sampler_settings(model_cls, temperature, options):
-    """All of generate()'s options for a model class, defaults filled in and checked: one UserError if not valid."""
+def sampler_settings(model, temperature, options):
+    """All of generate()'s options for a model, defaults filled in and checked: one UserError if not valid. For a
+    model class (no model loaded yet), without the checks that need the model's config, such as its labels."""
     try:
-        return model_cls.sampler_settings(temperature, **options)
+        settings = model.sampler_settings(temperature, **options)
+        if not isinstance(model, type):
+            model.check_settings(settings)
+        return settings
     except ValueError as e:
         raise UserError(f"bad sampling settings: {e}") from None
 
@@ -88,7 +101,7 @@ def sampler_settings(model_cls, temperature, options):
 def generate(model, num_samples, seq_len, known, temperature=1.0, batch_size=None, generator=None, bar=None, **options):
     """(num_samples, seq_len) token ids in batches of batch_size, from any model. known = {position: id} with BOS at
     0 (for a GPT it must be a prefix). bar: a tqdm bar advanced after every step (see progress_total)."""
-    sampler_settings(type(model), temperature, options)
+    sampler_settings(model, temperature, options)
     try:
         model.check_known(seq_len, known)
     except ValueError as e:
@@ -101,5 +114,5 @@ def generate(model, num_samples, seq_len, known, temperature=1.0, batch_size=Non
 
 def progress_total(model, num_samples, seq_len, known, batch_size=None, temperature=1.0, **options):
     """Steps of a generate() call for a progress bar: batches x the model's steps per batch."""
-    settings = sampler_settings(type(model), temperature, options)
+    settings = sampler_settings(model, temperature, options)
     return -(-num_samples // (batch_size or num_samples)) * model.progress_steps(seq_len, known, settings)

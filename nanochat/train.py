@@ -43,7 +43,7 @@ from nanochat.common import (
     config_from_args, device_memory, format_bytes, get_base_dir, init_wandb, peak_flops, print0,
 )
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import default_data_dir, download, split_files, text_iterator
+from nanochat.dataset import default_data_dir, download, label_values, split_files, text_iterator
 from nanochat.evaluate import evaluate_bpb, evaluate_loss
 from nanochat.optim import learning_rates, setup_optimizers
 from nanochat.report import write_report
@@ -71,6 +71,9 @@ def train_parser(model, description=__doc__):
     a("--tokenizer_dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer (trained on the data if missing)")
     a("--vocab_size", type=int, default=65536, help="vocabulary size when a tokenizer has to be trained")
     a("--num_shards", type=int, default=8, help="train shards to download when the default data dir is empty")
+    a("--label_column", default=None, help="diffusion: condition on this column of the shards (a document's class, e.g. "
+      "source), dropped to 'no label' on --label_dropout of the rows; its values over the train split become the "
+      "checkpoint's labels, for --label and --guidance when sampling")
     # optimisation
     a("--num_iterations", type=int, default=5000)
     a("--device_batch_size", type=int, default=32)
@@ -105,9 +108,10 @@ def get_args(argv=None, description=__doc__):
     pre.add_argument("--model", choices=list(MODEL_TYPES), default="diffusion")
     model = pre.parse_known_args(argv)[0].model
     p = train_parser(model, description)
-    own = {f.name for f in fields(MODEL_TYPES[model][0])}
+    flags = lambda config_cls: {f.name for f in fields(config_cls) if "help" in f.metadata}  # its knobs
+    own = flags(MODEL_TYPES[model][0])
     for flag in (a.split("=")[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")):
-        owners = [m for m, (c, _) in MODEL_TYPES.items() if flag not in own and flag in {f.name for f in fields(c)}]
+        owners = [m for m, (c, _) in MODEL_TYPES.items() if flag not in own and flag in flags(c)]
         if owners:  # a flag of another model: say whose it is
             p.error(f"--{flag} is a flag of the {' / '.join(owners)} model, not of --model {model}")
     return p.parse_args(argv)
@@ -136,6 +140,8 @@ def check_args(args):
     if args.eval_tokens is not None and args.eval_tokens < 1:
         raise UserError("--eval_tokens must be >= 1")
     check_seed(args.seed)
+    if args.label_column and args.model != "diffusion":
+        raise UserError(f"--label_column: attribute conditioning is built into the diffusion model only, not --model {args.model}")
     model_config(args, args.vocab_size)  # the model flags, checked before any data is read
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --checkpoint_dir and --overwrite deletes it: pass one of them")
@@ -154,9 +160,9 @@ def check_number(args, name, low, high):
         raise UserError(f"--{name} must be finite and {bounds}, got {value}")
 
 
-def model_config(args, vocab_size):
+def model_config(args, vocab_size, **values):
     try:
-        return config_from_args(MODEL_TYPES[args.model][0], args, vocab_size=vocab_size)
+        return config_from_args(MODEL_TYPES[args.model][0], args, vocab_size=vocab_size, **values)
     except ValueError as e:
         raise UserError(f"bad model settings: {e}") from None
 
@@ -321,7 +327,8 @@ def train(args, ddp, rank, world_size, device):
     total_batch_size = tokens_per_fwd * world_size * grad_accum
     tokenizer = prepare_data_and_tokenizer(args, rank, ddp)
     token_bytes = tokenizer.token_bytes(device)
-    config = model_config(args, tokenizer.get_vocab_size())
+    labels = {"labels": label_values(args.label_column, args.data_dir)} if args.label_column else {}
+    config = model_config(args, tokenizer.get_vocab_size(), **labels)
     check_fits(args, config, device)
 
     # the model and optimisers, fresh or from the checkpoint that --resume continues
@@ -341,7 +348,8 @@ def train(args, ddp, rank, world_size, device):
     n_slots = world_size * grad_accum
     slots = [m * world_size + rank for m in range(grad_accum)]  # this rank's micro-batches, in order
     loaders = [DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, rank=slot,
-                          world_size=n_slots, seed=args.seed, device=device, state=state)
+                          world_size=n_slots, seed=args.seed, device=device, state=state, label_column=args.label_column,
+                          labels=config.labels if args.label_column else ())
                for slot, state in zip(slots, progress.loader_states)]
     val_batches = validation_batches(args, tokenizer, rank, world_size, device)
     num_val = torch.tensor(float(len(val_batches)), device=device)
@@ -360,6 +368,8 @@ def train(args, ddp, rank, world_size, device):
     wandb_run = init_wandb(args.run, rank, vars(args) | {"model_config": config.to_dict()})
     print0(f"{args.model}: {model.num_params():,} parameters, {flops_per_token:.3e} training FLOPs/token, "
            f"vocab {config.vocab_size}, device {device}, world size {world_size}")
+    if args.label_column:
+        print0(f"labels ({args.label_column}): {', '.join(config.labels)}; dropped on {config.label_dropout:.0%} of the rows")
     print0(f"batch: {total_batch_size:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x {world_size} ranks "
            f"x {grad_accum} accumulation steps; {int(num_val.item()) * tokens_per_fwd:,} validation tokens")
     if args.overwrite and rank == 0:  # the last moment before this run writes: every check has passed
@@ -510,12 +520,12 @@ def optimisation_step(run, progress, train_model, loaders, slots, lrm, stop):
     args, model = run.args, run.model
     stats = torch.zeros(3, device=run.device)  # summed micro-batch losses, SIGINT requests, SIGTERM requests
     for m, loader in enumerate(loaders):
-        tokens = next(loader)
+        batch = next(loader)  # tokens, or (tokens, labels) with --label_column
         torch.manual_seed(noise_seed(args.seed, progress.step, slots[m]))
         sync = nullcontext() if not run.ddp or m == run.grad_accum - 1 else train_model.no_sync()
         with sync:
             with autocast_for(run.device, run.args.dtype):
-                loss = train_model(tokens)
+                loss = train_model(*batch) if isinstance(batch, tuple) else train_model(batch)
             (loss / run.grad_accum).backward()
         stats[0] += loss.detach()
     stats[1] = float(stop.signum == signal.SIGINT)
@@ -603,7 +613,8 @@ def training_step(model, tokens, compile=False, dtype=None):
 
 def validation_batches(args, tokenizer, rank, world_size, device):
     """This rank's validation batches: its share of the first --eval_tokens of the val split (default: 2^20 tokens
-    on a GPU, 2^13 on a CPU), the same at every evaluation."""
+    on a GPU, 2^13 on a CPU), the same at every evaluation. Without labels: a labelled model is evaluated as the
+    unconditional model (the null label), comparable with a model trained without --label_column."""
     eval_tokens = args.eval_tokens or (2**20 if device.type == "cuda" else 2**13)
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", args.data_dir, rank=rank,
                         world_size=world_size, device=device)

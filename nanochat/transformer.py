@@ -189,6 +189,9 @@ class LanguageModel(nn.Module):
     def check_sampler(cls, temperature, settings):
         TransformerConfig.check([(0 < temperature < math.inf, f"temperature must be finite and > 0, got {temperature}")])
 
+    def check_settings(self, settings):
+        """The checks of sampler settings that need the model itself (ValueError); none by default."""
+
     def check_known(self, seq_len, known):
         """known {position: token id} (None: nothing known) checked against seq_len and the model."""
         known = dict(known or {})

@@ -100,7 +100,7 @@ def get_args(argv=None):
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
     a("--seed", type=int, default=42)
     a("--reuse", action="store_true", help="keep a model's finished run in --out_dir if it had the same flags")
-    add_sampler_args(p)
+    add_sampler_args(p, conditioning=False)
     return p.parse_args(argv)
 
 

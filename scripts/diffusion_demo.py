@@ -9,6 +9,7 @@ A tour of embedding-space diffusion in four steps, offline, in well under a minu
 
     python -m scripts.diffusion_demo                                   # a fresh small model
     python -m scripts.diffusion_demo --checkpoint checkpoints/diffusion_step_005000.pt   # real text in step 4
+    python -m scripts.diffusion_demo --checkpoint FILE --label news --guidance 2   # a model trained with --label_column
 
 Tokenizer: the checkpoint's; else the default one ($NANOCHAT_BASE_DIR/tokenizer) if it exists; else a tiny
 byte-level BPE (vocab 300) trained on the built-in paragraph, in-process.
@@ -31,6 +32,7 @@ from nanochat.diffusion_roberta import (  # noqa: E402
     SCHEDULES, DiffusionConfig, DiffusionRoBERTa, NoiseSchedule, alpha_bar, alpha_sigma,
 )
 from nanochat.optim import setup_optimizers  # noqa: E402
+from nanochat.sampling import sampler_settings  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
 
 PARAGRAPH = (
@@ -51,6 +53,8 @@ def get_args(argv=None):
     a("--train_steps", type=int, default=200, help="extra training steps on the paragraph without --checkpoint (at most)")
     a("--train_seconds", type=float, default=15.0, help="time limit for those steps")
     a("--num_steps", type=int, default=50, help="denoising steps in step 4")
+    a("--label", default=None, help="step 4 conditioned on this label (a checkpoint trained with --label_column)")
+    a("--guidance", type=float, default=0.0, help="classifier-free guidance weight w >= 0 in step 4 (0 = none)")
     a("--seed", type=int, default=0)
     a("--device_type", default="cpu", help="cuda | mps | cpu (empty = autodetect)")
     return p.parse_args(argv)
@@ -189,12 +193,14 @@ def step3_train(model, tokenizer, device, args, fresh):
 
 @torch.no_grad()
 def step4_reverse(model, tokenizer, device, args):
-    header(f"4. Reverse diffusion: from pure noise to text in {args.num_steps} denoising steps (argmax of each x0 estimate)")
+    condition = (f", label {args.label!r}" if args.label else "") + (f", guidance {args.guidance:g}" if args.guidance else "")
+    header(f"4. Reverse diffusion: from pure noise to text in {args.num_steps} denoising steps (argmax of each x0 "
+           f"estimate){condition}")
     model.eval()
     seq_len = min(64, model.config.max_seq_len)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    tokens, trajectory = model.generate(1, seq_len, {0: tokenizer.get_bos_token_id()}, generator=g,
-                                        return_trajectory=True, num_steps=args.num_steps)
+    tokens, trajectory = model.generate(1, seq_len, {0: tokenizer.get_bos_token_id()}, generator=g, return_trajectory=True,
+                                        num_steps=args.num_steps, label=args.label, guidance=args.guidance)
     every = max(1, len(trajectory) // 10)  # block diffusion: num_steps per block
     for i, step_tokens in enumerate(trajectory):
         if (i + 1) % every == 0 or i == 0 or i == len(trajectory) - 1:
@@ -227,6 +233,7 @@ def main(argv=None):
         config = DiffusionConfig(vocab_size=tokenizer.get_vocab_size(), depth=1, max_seq_len=64, embed_dim=32)
         model = DiffusionRoBERTa(config).to(device)
         print(f"model: a fresh DiffusionRoBERTa, depth 1, {model.num_params():,} parameters")
+    sampler_settings(model, 1.0, dict(num_steps=args.num_steps, label=args.label, guidance=args.guidance))  # step 4's
     step1_schedules(args.out_dir, model.config)
     step2_forward(model, tokenizer, PARAGRAPH.split(". ")[0] + ".", device, args.seed)
     step3_train(model, tokenizer, device, args, fresh=args.checkpoint is None)
