@@ -77,10 +77,11 @@ def sampler_options(args, **more):
                                   clamp=args.clamp, compile=args.compile, **more).items() if v is not None}
 
 
-def sampler_settings(model_cls, temperature, options):
-    """All of generate()'s options for a model class, defaults filled in and checked: one UserError if not valid."""
+def sampler_settings(model, temperature, options):
+    """All of generate()'s options for a model (its own defaults: a distilled model's differ from its class's) or a
+    model class, defaults filled in and checked: one UserError if not valid."""
     try:
-        return model_cls.sampler_settings(temperature, **options)
+        return model.sampler_settings(temperature, **{**model.sampler_defaults, **options})
     except ValueError as e:
         raise UserError(f"bad sampling settings: {e}") from None
 
@@ -88,7 +89,7 @@ def sampler_settings(model_cls, temperature, options):
 def generate(model, num_samples, seq_len, known, temperature=1.0, batch_size=None, generator=None, bar=None, **options):
     """(num_samples, seq_len) token ids in batches of batch_size, from any model. known = {position: id} with BOS at
     0 (for a GPT it must be a prefix). bar: a tqdm bar advanced after every step (see progress_total)."""
-    sampler_settings(type(model), temperature, options)
+    sampler_settings(model, temperature, options)
     try:
         model.check_known(seq_len, known)
     except ValueError as e:
@@ -101,5 +102,5 @@ def generate(model, num_samples, seq_len, known, temperature=1.0, batch_size=Non
 
 def progress_total(model, num_samples, seq_len, known, batch_size=None, temperature=1.0, **options):
     """Steps of a generate() call for a progress bar: batches x the model's steps per batch."""
-    settings = sampler_settings(type(model), temperature, options)
+    settings = sampler_settings(model, temperature, options)
     return -(-num_samples // (batch_size or num_samples)) * model.progress_steps(seq_len, known, settings)

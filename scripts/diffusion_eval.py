@@ -168,7 +168,7 @@ def main(argv=None):
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     model_type, T = ckpt["model_type"], model.config.max_seq_len
     options = sampler_options(args, num_steps=args.sample_steps)
-    settings = sampler_settings(type(model), args.temperature, options)
+    settings = sampler_settings(model, args.temperature, options)
     sample_len = args.sample_len or min(128, T)
     if sample_len > T:
         raise UserError(f"--sample_len {sample_len} is larger than the model's maximum sequence length {T}")

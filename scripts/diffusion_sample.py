@@ -89,7 +89,7 @@ def main(argv=None):
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     seq_len, known = plan(args, tokenizer, model)
     options = sampler_options(args, num_steps=args.num_steps)
-    settings = sampler_settings(type(model), args.temperature, options)
+    settings = sampler_settings(model, args.temperature, options)
     print(f"{ckpt['model_type']} checkpoint {args.checkpoint} (step {ckpt['step']}): {args.num_samples} samples x {seq_len} "
           f"tokens, {model.describe_sampler(settings)}, temperature {args.temperature}, seed {args.seed}")
 
