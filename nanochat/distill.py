@@ -30,6 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.diffusion_roberta import DiffusionRoBERTa, reverse_steps, sample_known, sample_t
+from nanochat.optim import learning_rates
+
+# the student's learning rates, as a fraction of the diffusion model's: Muon and AdamW step by about the learning rate
+# whatever the gradient's size, and at the training rates a student that starts as its teacher drifts away from it
+# faster than it learns (dev/LOG.md)
+LEARNING_RATE_SCALE = 0.03
 
 
 def ddim_coefficients(gammas, score_temperature, device):
@@ -40,6 +46,7 @@ def ddim_coefficients(gammas, score_temperature, device):
 
 class Student(DiffusionRoBERTa):
     """A student of config.distilled_steps = N steps, initialised as the teacher (2N steps, the same network)."""
+    learning_rates = {name: LEARNING_RATE_SCALE * rate for name, rate in learning_rates(DiffusionRoBERTa).items()}
 
     def __init__(self, config, teacher, method="progressive", grid=None):
         super().__init__(config)

@@ -25,6 +25,7 @@ from nanochat.checkpoint import checkpoint_path, find_latest, load_model, read_c
 from nanochat.common import UserError, get_dist_info, print0, run_main
 from nanochat.diffusion_roberta import DiffusionConfig
 from nanochat.distill import Student
+from nanochat.optim import learning_rates
 from nanochat.tokenizer import get_tokenizer
 
 # diffusion_train flags that the distillation sets itself: the model (the teacher's network), where each round
@@ -63,8 +64,8 @@ def plan_rounds(steps_from, steps_to):
 
 
 def teacher_argv(ckpt, train_flags):
-    """diffusion_train flags for every round: the teacher's network (its config), its data and tokenizer unless
-    given, then the flags passed on."""
+    """diffusion_train flags for every round: the teacher's network (its config), its data and tokenizer and the
+    student's learning rates unless given, then the flags passed on."""
     refused = sorted(trainer.flags_set("diffusion", train_flags) & DISTILL_SETS)
     if refused:
         raise UserError(f"{', '.join('--' + f for f in refused)}: the distillation sets these itself (the student is "
@@ -76,6 +77,7 @@ def teacher_argv(ckpt, train_flags):
         value = ckpt["meta"].get("args", {}).get(flag)
         if flag not in given and value is not None:
             argv += [f"--{flag}", value]
+    argv += [x for name, rate in learning_rates(Student).items() if name not in given for x in (f"--{name}", str(rate))]
     return argv + list(train_flags)
 
 
