@@ -15,6 +15,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.common import UserError, run_main
 from nanochat.distill import Student
 from nanochat.optim import setup_optimizers
+from nanochat.tokenizer import Tokenizer
 from scripts import diffusion_demo, diffusion_distill, diffusion_sample
 from tests.test_train import assert_same_weights, final_state
 
@@ -126,3 +127,32 @@ def test_an_interrupted_distillation_resumes_exactly(distilled, teacher, tmp_pat
     (ref_model, ref_state), (res_model, res_state) = (final_state(d / "steps_001", 6) for d in (distilled, tmp_path))
     assert res_state["history"]["train"] == ref_state["history"]["train"] and res_state["loaders"] == ref_state["loaders"]
     assert_same_weights(ref_model["model"], res_model["model"], atol=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps_from", "12", "--steps_to", "4"], "must be --steps_to 4 times a power of two"),
+    (["--steps_from", "4", "--steps_to", "4"], "times a power of two (>= 2)"),
+    (["--depth", "2"], "--depth: the distillation sets these itself"),
+    (["--checkpoint_dir", "x"], "--checkpoint_dir: the distillation sets these itself"),
+    (["--teacher", "{gpt}"], "is a gpt checkpoint; distillation needs a diffusion one"),
+    (["--teacher", "{student}", "--steps_from", "8"], "was distilled for 2 steps: distil it further with --steps_from 2"),
+    (["--tokenizer_dir", "{other_tokenizer}"], "is not the teacher's"),
+    (["--matrix_lr", "-1"], "--matrix_lr must be finite and >= 0"),
+])
+def test_bad_distillation_flags_are_one_clear_error(flags, message, teacher, distilled, data, tmp_path_factory, tmp_path, capsys):
+    other = tmp_path_factory.getbasetemp() / "other_tokenizer"
+    if not other.exists():
+        Tokenizer.train_from_iterator(iter(["a b c d e f g"] * 20), 300).save(other)
+    gpt = tmp_path_factory.getbasetemp() / "gpt"
+    if "{gpt}" in flags and not gpt.exists():
+        trainer.main([*TINY, *data, "--model", "gpt", "--depth", "1", "--max_seq_len", "16", "--num_iterations", "1",
+                      "--eval_every", "-1", "--checkpoint_dir", str(gpt)])
+    paths = dict(gpt=gpt / "gpt_step_000001.pt", student=distilled / "steps_002" / "diffusion_step_000006.pt",
+                 other_tokenizer=other)
+    argv = ["--teacher", str(teacher), "--out_dir", str(tmp_path / "out"), "--num_iterations", "2", *TINY]
+    argv += [f.format(**paths) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: diffusion_distill.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()  # nothing was written
