@@ -16,7 +16,7 @@ from nanochat.common import UserError, run_main
 from nanochat.distill import Student
 from nanochat.optim import setup_optimizers
 from nanochat.tokenizer import Tokenizer
-from scripts import diffusion_demo, diffusion_distill, diffusion_sample
+from scripts import diffusion_demo, diffusion_distill, diffusion_sample, step_table
 from tests.test_train import assert_same_weights, final_state
 
 TINY = ["--device_type", "cpu", "--device_batch_size", "4", "--eval_tokens", "128", "--sample_every", "0"]
@@ -34,6 +34,15 @@ def teacher(data, tmp_path_factory):
     trainer.main([*TINY, *data, "--depth", "1", "--max_seq_len", "32", "--num_iterations", "40", "--eval_every", "-1", "--bound_samples", "2",
                   "--checkpoint_dir", str(out)])
     return out / "diffusion_step_000040.pt"
+
+
+@pytest.fixture(scope="module")
+def judge(data, tmp_path_factory):
+    """A depth-1 GPT checkpoint with the teacher's tokenizer."""
+    out = tmp_path_factory.mktemp("gpt")
+    trainer.main([*TINY, *data, "--model", "gpt", "--depth", "1", "--max_seq_len", "32", "--num_iterations", "20",
+                  "--eval_every", "-1", "--checkpoint_dir", str(out)])
+    return out / "gpt_step_000020.pt"
 
 
 def distill(teacher, out_dir, *flags):
@@ -139,16 +148,11 @@ def test_an_interrupted_distillation_resumes_exactly(distilled, teacher, tmp_pat
     (["--tokenizer_dir", "{other_tokenizer}"], "is not the teacher's"),
     (["--matrix_lr", "-1"], "--matrix_lr must be finite and >= 0"),
 ])
-def test_bad_distillation_flags_are_one_clear_error(flags, message, teacher, distilled, data, tmp_path_factory, tmp_path, capsys):
+def test_bad_distillation_flags_are_one_clear_error(flags, message, teacher, distilled, judge, tmp_path_factory, tmp_path, capsys):
     other = tmp_path_factory.getbasetemp() / "other_tokenizer"
     if not other.exists():
         Tokenizer.train_from_iterator(iter(["a b c d e f g"] * 20), 300).save(other)
-    gpt = tmp_path_factory.getbasetemp() / "gpt"
-    if "{gpt}" in flags and not gpt.exists():
-        trainer.main([*TINY, *data, "--model", "gpt", "--depth", "1", "--max_seq_len", "16", "--num_iterations", "1",
-                      "--eval_every", "-1", "--checkpoint_dir", str(gpt)])
-    paths = dict(gpt=gpt / "gpt_step_000001.pt", student=distilled / "steps_002" / "diffusion_step_000006.pt",
-                 other_tokenizer=other)
+    paths = dict(gpt=judge, student=distilled / "steps_002" / "diffusion_step_000006.pt", other_tokenizer=other)
     argv = ["--teacher", str(teacher), "--out_dir", str(tmp_path / "out"), "--num_iterations", "2", *TINY]
     argv += [f.format(**paths) for f in flags]
     with pytest.raises(SystemExit) as e:
@@ -156,3 +160,24 @@ def test_bad_distillation_flags_are_one_clear_error(flags, message, teacher, dis
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_step_table_judges_teacher_and_students_against_the_gpt(teacher, distilled, judge, tiny_data_dir, tmp_path, capsys):
+    """The teacher at every step count with both samplers, each student at its own step count, every row next to
+    the GPT's own samples (ratio 1 for the GPT itself), and each diffusion checkpoint's bound."""
+    students = [distilled / f"steps_{n:03d}" / "diffusion_step_000006.pt" for n in (2, 1)]
+    out = tmp_path / "table.json"
+    step_table.main(["--judge", str(judge), "--checkpoints", str(teacher), *map(str, students), "--steps", "1,3",
+                     "--num_samples", "4", "--sample_len", "16", "--eval_tokens", "64", "--data_dir", str(tiny_data_dir),
+                     "--device_type", "cpu", "--output", str(out)])
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    rows = [(row["label"].split("/")[-1], row["sampler"]) for row in r["rows"]]
+    assert rows == [("GPT T=1.0 (reference)", "autoregressive"),
+                    *[("diffusion_step_000040.pt", how) for n in (1, 3) for how in (
+                        f"{n} ddpm steps, noise x0.85, score temperature 0.9", f"{n} ddim steps")],
+                    ("diffusion_step_000006.pt (distilled)", "2 ddim steps"), ("diffusion_step_000006.pt (distilled)", "1 ddim steps")]
+    assert r["rows"][0]["nll_ratio"] == r["rows"][0]["entropy_ratio"] == 1.0
+    assert all(row["gen_nll"] > 0 and row["unigram_entropy_nats"] > 0 for row in r["rows"])
+    assert set(r["val_bpb"]) == {str(teacher), *map(str, students)} and all(b["bpb"] > 0 for b in r["val_bpb"].values())
+    assert printed.count("| steps_001/diffusion_step_000006.pt (distilled) | 1 ddim steps |") == 1
