@@ -47,6 +47,8 @@ class DiffusionConfig(TransformerConfig):
     output_prior: bool = knob(False, "logits objective: add the training data's log unigram frequencies to the logits")
     label_dropout: float = knob(0.15, "with --label_column: fraction of training rows whose labels become the null label "
                                       "(one model both conditional and unconditional, for classifier-free guidance)")
+    distilled_steps: int = knob(0, "0: not distilled | N: distilled for N deterministic steps (scripts.diffusion_distill), "
+                                   "generate()'s default")
     # attribute conditioning's label set, from the data (--label_column: the column's sorted values over the train
     # split), not a flag; empty = a model without labels
     labels: list = field(default_factory=list)
@@ -66,6 +68,7 @@ class DiffusionConfig(TransformerConfig):
             (0 <= self.elbo_weight < math.inf, "elbo_weight must be finite and >= 0"),
             (self.block_size >= 0, "block_size must be >= 0 (0 = the whole sequence)"),
             (self.local_mix == 0 or (self.local_mix > 0 and self.local_mix % 2 == 1), "local_mix must be 0 (off) or an odd kernel size"),
+            (self.distilled_steps >= 0, "distilled_steps must be >= 0 (0 = not distilled)"),
         ])
 
 
@@ -232,6 +235,8 @@ class DiffusionRoBERTa(LanguageModel):
         self.register_buffer("log_prior", torch.zeros(config.vocab_size) if use_prior else None)
         torch.set_rng_state(rng)
         self.init_weights()
+        if config.distilled_steps:  # a distilled student samples by default as it was distilled: N deterministic steps
+            self.sampler_defaults = dict(self.sampler_defaults, num_steps=config.distilled_steps, sampler="ddim", score_temperature=1.0)
 
     def init_weights(self):
         super().init_weights()
@@ -262,11 +267,10 @@ class DiffusionRoBERTa(LanguageModel):
         per_sequence = {"embedding", "context_embedding", "time_mlp", "modulation", "known_embed", "label_embed"}
         return sum(p.numel() for n, p in self.named_parameters() if not per_sequence & set(n.split(".")))
 
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: forward + backward (6N + attention), plus the expected no-grad
-        self-conditioning forward pass (2N + attention forward) on self_cond_rate of the micro-batches.
-        N counts the products with the embedding matrix too (z @ E^T for the skip and softmax @ E), and, for block
-        diffusion, the clean stream's share of the network."""
+    def forward_flops(self, seq_len=None):
+        """FLOPs per token of one forward pass of the network: 2N + attention. N counts the products with the embedding
+        matrix too (z @ E^T for the skip and softmax @ E), and, for block diffusion, the clean stream's share of the
+        network."""
         c = self.config
         T = seq_len or c.max_seq_len
         n = self.matmul_params()
@@ -274,11 +278,13 @@ class DiffusionRoBERTa(LanguageModel):
         n += clean * (n - self.head.weight.numel())
         if c.objective == "logits":  # the evidence z @ E^T and softmax(logits) @ E
             n += 2 * c.vocab_size * c.embed_dim
-        attn = 4 * c.depth * c.model_dim * T * (1 + clean) ** 2
-        flops = 6 * n + 3 * attn
-        if c.self_cond:
-            flops += c.self_cond_rate * (2 * n + attn)
-        return flops
+        return 2 * n + 4 * c.depth * c.model_dim * T * (1 + clean) ** 2
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: forward + backward (three forward passes' worth), plus the expected no-grad
+        self-conditioning forward pass on self_cond_rate of the micro-batches."""
+        c = self.config
+        return self.forward_flops(seq_len) * (3 + (c.self_cond_rate if c.self_cond else 0))
 
     def param_groups(self):
         """Hidden matrices go to Muon; embeddings, head, local mixing, projections and scalars go to AdamW (the label
@@ -545,6 +551,10 @@ class DiffusionRoBERTa(LanguageModel):
     def can_infill(self):
         return not self.config.block_size  # block diffusion writes left to right: it cannot see text after a gap
 
+    def step_gammas(self, num_steps):
+        """gamma at the num_steps + 1 ends of the sampler's steps, from t = 1 to t = 0, evenly spaced in t (float64)."""
+        return self.schedule.gamma(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64))
+
     @torch.no_grad()
     def generate(self, num_samples, seq_len, known=None, temperature=1.0, generator=None, callback=None,
                  return_trajectory=False, **options):
@@ -561,7 +571,7 @@ class DiffusionRoBERTa(LanguageModel):
         With block_size K, the blocks of K tokens are generated left to right, num_steps each, every block given
         the clean tokens before it (semi-autoregressive, as in SSD-LM and BD3-LM); guidance drops the label and the
         known tokens of the block being generated, while the clean blocks before it stay its context."""
-        c, o = self.config, self.sampler_settings(temperature, **options)
+        c, o = self.config, self.sampler_settings(temperature, **{**self.sampler_defaults, **options})  # (a distilled model's own)
         known = self.check_known(seq_len, known)
         label, w = self.label_index(o["label"]), o["guidance"]
         if w and not known and o["label"] is None:
@@ -574,7 +584,7 @@ class DiffusionRoBERTa(LanguageModel):
             known_mask[:, pos] = True
             known_ids[:, pos] = tok
         x_known = F.embedding(known_ids, E)
-        gammas = self.schedule.gamma(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64))
+        gammas = self.step_gammas(num_steps)
         levels = self.noise_level(gammas)  # the whole table moved once: no host-device copy per step
         steps = reverse_steps(gammas, o["sampler"], temperature * o["noise_scale"], o["score_temperature"])
         tokens = known_ids.clone()

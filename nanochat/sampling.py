@@ -87,10 +87,11 @@ def sampler_options(args, **more):
 
 
 def sampler_settings(model, temperature, options):
-    """All of generate()'s options for a model, defaults filled in and checked: one UserError if not valid. For a
-    model class (no model loaded yet), without the checks that need the model's config, such as its labels."""
+    """All of generate()'s options for a model (its own defaults: a distilled model's differ from its class's) or a
+    model class, defaults filled in and checked: one UserError if not valid. For a model class (no model loaded yet),
+    without the checks that need the model's config, such as its labels."""
     try:
-        settings = model.sampler_settings(temperature, **options)
+        settings = model.sampler_settings(temperature, **{**model.sampler_defaults, **options})
         if not isinstance(model, type):
             model.check_settings(settings)
         return settings

@@ -117,6 +117,14 @@ def get_args(argv=None, description=__doc__):
     return p.parse_args(argv)
 
 
+def flags_set(model_type, argv):
+    """The diffusion_train flags (their names) that argv sets, abbreviated or as --flag=value too."""
+    parser = train_parser(model_type)
+    unset = object()
+    parser.set_defaults(**{name: unset for name in vars(parser.parse_known_args([])[0])})
+    return {name for name, v in vars(parser.parse_known_args(argv)[0]).items() if v is not unset}
+
+
 def check_args(args):
     """Every flag, before any work starts (the model's size against the device's memory: check_fits, once the
     tokenizer's vocabulary is known)."""
@@ -275,12 +283,14 @@ def sample_texts(model, tokenizer, num_samples, seq_len, seed):
     return [tokenizer.decode([t for t in row.tolist() if t != bos]) for row in ids]
 
 
-def main(argv=None, description=__doc__):
+def main(argv=None, description=__doc__, build=None):
+    """build(config, device): the model to train (default: a fresh one of --model; scripts.diffusion_distill passes
+    a student that holds its teacher)."""
     args = get_args(argv, description)
     check_args(args)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
-        train(args, ddp, rank, world_size, device)
+        train(args, ddp, rank, world_size, device, build)
     finally:
         compute_cleanup()
 
@@ -320,7 +330,7 @@ def accumulation_steps(args, world_size):
     return total_batch_size // tokens_per_fwd
 
 
-def train(args, ddp, rank, world_size, device):
+def train(args, ddp, rank, world_size, device, build=None):
     # the batch layout, data, tokenizer and model, all checked before anything is allocated
     grad_accum = accumulation_steps(args, world_size)
     tokens_per_fwd = args.device_batch_size * args.max_seq_len
@@ -333,7 +343,7 @@ def train(args, ddp, rank, world_size, device):
 
     # the model and optimisers, fresh or from the checkpoint that --resume continues
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = MODEL_TYPES[args.model][1].build(config, device)  # on the meta device, then its weights on `device`
+    model = (build or MODEL_TYPES[args.model][1].build)(config, device)  # on the meta device, then its weights on `device`
     run = Run(args, ddp, rank, world_size, device, grad_accum, tokenizer, model, setup_optimizers(model, **optimizer_rates(args)))
     if args.resume:
         progress = resume(run)

@@ -140,7 +140,7 @@ class LanguageModel(nn.Module):
     the options of sampler_defaults."""
     nll_kind = "exact"
     learning_rates = {}
-    sampler_defaults = {}
+    sampler_defaults = {}  # an instance may have its own (a distilled diffusion model's)
 
     def __init__(self, config):
         super().__init__()

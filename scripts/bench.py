@@ -11,8 +11,13 @@ the GPT and the masked model take the shape flags.
 Prints one JSON object (everything else goes to stderr): the device's peak FLOP/s (measured with a float32
 matmul on CPU/MPS, the bf16 table value on CUDA), and for each model the median time of a real training step
 (forward + backward + gradient clipping + AdamW/Muon update, under --dtype's autocast) on random tokens, its tokens/s,
-MFU and (on CUDA) peak memory, then sampling tokens/s. The models' steps are timed in turn (ABCABC...) so that a noisy
-machine slows them alike. With --compile, every model is timed compiled too ("NAME compiled"), next to eager.
+MFU and (on CUDA) peak memory. The models' steps are timed in turn (ABCABC...) so that a noisy machine slows them
+alike. With --compile, every model is timed compiled too ("NAME compiled"), next to eager.
+
+Then sampling a full sequence of max_seq_len tokens, two ways: latency (sample_latency_s: seconds to a finished sample
+at batch 1) and throughput (sample_tokens_per_s: generated tokens/s at --sample_batch_size), the GPT decoding with
+its KV cache next to each diffusion model at every --sample_steps ("diffusion 8 steps": a student distilled for 8
+steps samples exactly so), with ratios to the GPT's; with --compile, the continuous model's denoiser compiled too.
 
 Self-conditioning runs its extra no-grad forward pass on a random self_cond_rate of the training steps,
 which a median cannot price: the diffusion model is timed with it on every step and with it off, and
@@ -23,6 +28,7 @@ import argparse
 import json
 import sys
 from contextlib import redirect_stdout
+from functools import partial
 
 import torch
 
@@ -44,8 +50,9 @@ def get_args(argv=None):
     a("--device_batch_size", type=int, default=4)
     a("--steps", type=int, default=5, help="timed training steps per model")
     a("--warmup", type=int, default=2, help="untimed training steps per model first")
-    a("--sample_steps", type=int, default=32, help="denoising steps for a full sequence")
-    a("--sample_reps", type=int, default=2, help="timed generate() calls per model")
+    a("--sample_steps", type=step_list, default=[4, 8, 32, 128], help="denoising step counts, comma-separated")
+    a("--sample_batch_size", type=int, default=16, help="samples per generate() call for throughput (latency: 1)")
+    a("--sample_reps", type=int, default=1, help="timed generate() calls per model and setting")
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
     a("--compile", action="store_true", help="also time every model under torch.compile (training step, denoiser)")
     a("--dtype", choices=DTYPES, default=None, help="bfloat16: bf16 autocast (the default on CUDA); float32 (the default elsewhere)")
@@ -53,10 +60,16 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def step_list(text):
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
 def check_args(args):
-    for name in ("device_batch_size", "steps", "sample_steps", "sample_reps"):
+    for name in ("device_batch_size", "steps", "sample_batch_size", "sample_reps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.sample_steps or min(args.sample_steps) < 1:
+        raise UserError(f"--sample_steps needs step counts >= 1, e.g. 4,8,32,128, got {args.sample_steps}")
     if args.warmup < 0:
         raise UserError("--warmup must be >= 0")
 
@@ -93,16 +106,9 @@ def bench(args, device):
     tok_per_s = {name: B * T / step_time[name] for name in names}
     mfu = {name: flops_per_token[name] * tok_per_s[name] / peak for name in names}
 
-    print(f"timing {args.sample_reps} generations of {B} x {T} tokens ({args.sample_steps} denoising steps)", file=sys.stderr)
     gpt, diffusion, masked = models["gpt"].eval(), models[on].eval(), models["masked"].eval()
-    samplers = {"gpt": lambda: gpt.generate(B, T, {0: 0}),
-                "diffusion": lambda: diffusion.generate(B, T, {0: 0}, num_steps=args.sample_steps),
-                "masked": lambda: masked.generate(B, T, {0: 0}, num_steps=args.sample_steps)}
-    if args.compile:  # the diffusion model's denoiser compiled (the GPT decodes a growing cache: eager only)
-        samplers["diffusion compiled"] = lambda: diffusion.generate(B, T, {0: 0}, num_steps=args.sample_steps, compile=True)
     with autocast_for(device, args.dtype):
-        sample_time = median_times(samplers, args.sample_reps, 1, device)
-    sample_tok_per_s = {name: B * (T - 1) / t for name, t in sample_time.items()}
+        latency, throughput = sampling(args, gpt, diffusion, masked, device)
     return dict(
         device=device_name(device), torch=torch.__version__,
         peak_flops=peak, peak_flops_source="bf16 dense table" if device.type == "cuda" else "measured float32 matmul",
@@ -115,10 +121,36 @@ def bench(args, device):
         mfu=mfu,
         train_tokens_per_s_ratio={name: tok_per_s[name] / tok_per_s["gpt"] for name in names[1:]},
         peak_memory_gb=memory,
-        sample_steps=args.sample_steps,
-        sample_tokens_per_s=sample_tok_per_s,
-        sample_tokens_per_s_ratio={name: sample_tok_per_s[name] / sample_tok_per_s["gpt"] for name in samplers if name != "gpt"},
+        sample_seq_len=T,
+        sample_batch_size=args.sample_batch_size,
+        sample_latency_s=latency,
+        sample_latency_ratio={name: t / latency["gpt"] for name, t in latency.items() if name != "gpt"},
+        sample_tokens_per_s=throughput,
+        sample_tokens_per_s_ratio={name: r / throughput["gpt"] for name, r in throughput.items() if name != "gpt"},
     )
+
+
+def sampling(args, gpt, diffusion, masked, device):
+    """Sampling a full sequence (max_seq_len tokens, the first one given) two ways: latency, the seconds to a finished
+    sample at batch 1, and throughput, generated tokens/s at --sample_batch_size; the GPT decoding with its KV cache,
+    the diffusion models at every --sample_steps (with --compile, the continuous model's denoiser compiled too).
+    Each sampler runs once untimed at each batch size first (allocation, compilation)."""
+    T = args.max_seq_len
+    steppers = {"diffusion": lambda B, s: diffusion.generate(B, T, {0: 0}, num_steps=s)}
+    if args.compile:
+        steppers["diffusion compiled"] = lambda B, s: diffusion.generate(B, T, {0: 0}, num_steps=s, compile=True)
+    steppers["masked"] = lambda B, s: masked.generate(B, T, {0: 0}, num_steps=s)
+    samplers = {"gpt": lambda B: gpt.generate(B, T, {0: 0})}
+    samplers |= {f"{name} {s} steps": partial(f, s=s) for name, f in steppers.items() for s in args.sample_steps}
+    results = []
+    for B in (1, args.sample_batch_size):
+        gpt.generate(B, 2, {0: 0})
+        for f in steppers.values():
+            f(B, 1)
+        print(f"timing {args.sample_reps} generation(s) of {B} x {T} tokens: {', '.join(samplers)}", file=sys.stderr)
+        results.append(median_times({name: partial(f, B) for name, f in samplers.items()}, args.sample_reps, 0, device))
+    latency, batch_time = results
+    return latency, {name: args.sample_batch_size * (T - 1) / t for name, t in batch_time.items()}
 
 
 def peak_memory(steps, device):

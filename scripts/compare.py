@@ -173,7 +173,7 @@ def train_args(args, model_type, num_iterations=1):
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):  # argparse writes what is wrong, then exits
-            refused = sorted(flags_set(model_type, extra_argv(args, model_type)) & COMPARE_SETS)
+            refused = sorted(trainer.flags_set(model_type, extra_argv(args, model_type)) & COMPARE_SETS)
             if refused:
                 raise UserError(f"{flag} sets {', '.join('--' + f for f in refused)}, which compare sets itself (with "
                                 f"its own flags of the same name, or from the budget and --out_dir)")
@@ -181,14 +181,6 @@ def train_args(args, model_type, num_iterations=1):
     except SystemExit:
         message = errors.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
         raise UserError(f"{flag} {value!r}: {message}") from None
-
-
-def flags_set(model_type, argv):
-    """The diffusion_train flags (their names) that argv sets, abbreviated or as --flag=value too."""
-    parser = trainer.train_parser(model_type)
-    unset = object()
-    parser.set_defaults(**{name: unset for name in vars(parser.parse_known_args([])[0])})
-    return {name for name, v in vars(parser.parse_known_args(argv)[0]).items() if v is not unset}
 
 
 def make_plan(args, device):
@@ -362,7 +354,7 @@ def evaluate_samples(args, models, ngrams, tokenizer, device, autocast):
     steps = "/".join(str(s) for s in args.sample_steps)
     samplers = {}
     for m, model in models.items():  # how each model sampled, its step counts aside
-        options = sampler_settings(type(model), 1.0, {k: v for k, v in sampler_options(args).items() if k in model.sampler_defaults})
+        options = sampler_settings(model, 1.0, {k: v for k, v in sampler_options(args).items() if k in model.sampler_defaults})
         samplers[m] = model.describe_sampler({**options, "num_steps": steps}) if "num_steps" in options else model.describe_sampler(options)
     return dict(sample_len=sample_len, num_samples=args.num_samples, output_tokens=n_out, samplers=samplers,
                 ratios_relative_to=gpt_ref["label"], settings=results, references=references)

@@ -52,7 +52,7 @@ def get_args(argv=None):
     a("--out_dir", default=None, help="where the schedule plot diffusion_demo_schedule.png goes (default: $NANOCHAT_BASE_DIR/demo)")
     a("--train_steps", type=int, default=200, help="extra training steps on the paragraph without --checkpoint (at most)")
     a("--train_seconds", type=float, default=15.0, help="time limit for those steps")
-    a("--num_steps", type=int, default=50, help="denoising steps in step 4")
+    a("--num_steps", type=int, default=None, help="denoising steps in step 4 (default: 50, or a distilled checkpoint's own)")
     a("--label", default=None, help="step 4 conditioned on this label (a checkpoint trained with --label_column)")
     a("--guidance", type=float, default=0.0, help="classifier-free guidance weight w >= 0 in step 4 (0 = none)")
     a("--seed", type=int, default=0)
@@ -61,7 +61,7 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    if args.num_steps < 1:
+    if args.num_steps is not None and args.num_steps < 1:
         raise UserError(f"--num_steps must be >= 1, got {args.num_steps}")
     if args.train_steps < 0 or not 0 <= args.train_seconds < float("inf"):
         raise UserError("--train_steps and --train_seconds must be >= 0 (and finite)")
@@ -193,14 +193,15 @@ def step3_train(model, tokenizer, device, args, fresh):
 
 @torch.no_grad()
 def step4_reverse(model, tokenizer, device, args):
+    num_steps = args.num_steps or model.config.distilled_steps or 50
     condition = (f", label {args.label!r}" if args.label else "") + (f", guidance {args.guidance:g}" if args.guidance else "")
-    header(f"4. Reverse diffusion: from pure noise to text in {args.num_steps} denoising steps (argmax of each x0 "
+    header(f"4. Reverse diffusion: from pure noise to text in {num_steps} denoising steps (argmax of each x0 "
            f"estimate){condition}")
     model.eval()
     seq_len = min(64, model.config.max_seq_len)
     g = torch.Generator(device=device).manual_seed(args.seed)
     tokens, trajectory = model.generate(1, seq_len, {0: tokenizer.get_bos_token_id()}, generator=g, return_trajectory=True,
-                                        num_steps=args.num_steps, label=args.label, guidance=args.guidance)
+                                        num_steps=num_steps, label=args.label, guidance=args.guidance)
     every = max(1, len(trajectory) // 10)  # block diffusion: num_steps per block
     for i, step_tokens in enumerate(trajectory):
         if (i + 1) % every == 0 or i == 0 or i == len(trajectory) - 1:

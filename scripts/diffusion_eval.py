@@ -44,7 +44,7 @@ def get_args(argv=None):
     a("--throughput_steps", type=int, default=10, help="timed forward+backward passes for training throughput (0 = skip)")
     a("--num_samples", type=int, default=32, help="samples for sampling throughput and quality (0 = skip)")
     a("--sample_len", type=int, default=None, help="tokens per sample, BOS included (default: 128, capped at max_seq_len)")
-    a("--sample_steps", type=int, default=None, help="denoising steps per sample (default: the model's, 128)")
+    a("--sample_steps", type=int, default=None, help="denoising steps per sample (default: the model's: 128, or a distilled checkpoint's own)")
     a("--temperature", type=float, default=1.0, help="divides the logits and scales the sampler's noise")
     a("--context_levels", type=int, default=7, help="noise levels for the context-gain table (diffusion only; 0 = skip)")
     a("--judge", default=None, help="gpt checkpoint for generative perplexity (same tokenizer)")

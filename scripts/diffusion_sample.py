@@ -29,7 +29,7 @@ def get_args(argv=None):
     a("--checkpoint", required=True, help="model file, e.g. checkpoints/diffusion_step_005000.pt")
     a("--num_samples", type=int, default=5)
     a("--seq_len", type=int, default=None, help="tokens per sample, BOS included (default: 128, or the infill template's length)")
-    a("--num_steps", type=int, default=None, help="denoising steps (default: the model's, 128)")
+    a("--num_steps", type=int, default=None, help="denoising steps (default: the model's: 128, or a distilled checkpoint's own)")
     a("--temperature", type=float, default=1.0, help="divides the logits and scales the sampler's noise")
     a("--batch_size", type=int, default=None, help="samples per generate() call (default: all at once)")
     a("--seed", type=int, default=42)

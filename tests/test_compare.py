@@ -14,15 +14,20 @@ NOISE_SCALE = DiffusionRoBERTa.sampler_defaults["noise_scale"]
 
 def test_bench_prints_json(capsys):
     bench.main(["--depth", "1", "--max_seq_len", "32", "--device_batch_size", "2", "--vocab_size", "128", "--steps", "2",
-                "--warmup", "1", "--sample_steps", "2", "--sample_reps", "1", "--device_type", "cpu"])
+                "--warmup", "1", "--sample_steps", "1,3", "--sample_batch_size", "3", "--sample_reps", "1", "--device_type", "cpu"])
     r = json.loads(capsys.readouterr().out)  # stdout holds the JSON object and nothing else
     names = ["gpt", "diffusion", "diffusion_no_self_cond", "diffusion_self_cond_every_step", "masked"]
     assert r["peak_flops"] > 0 and r["peak_flops_source"].startswith("measured")
     for key in ("flops_per_token", "train_step_s", "train_tokens_per_s", "mfu"):
         assert list(r[key]) == names and all(v > 0 for v in r[key].values()), key
     assert set(r["train_tokens_per_s_ratio"]) == set(names[1:]) and all(v > 0 for v in r["train_tokens_per_s_ratio"].values())
-    assert set(r["sample_tokens_per_s"]) == {"gpt", "diffusion", "masked"} and min(r["sample_tokens_per_s"].values()) > 0
-    assert set(r["sample_tokens_per_s_ratio"]) == {"diffusion", "masked"} and min(r["sample_tokens_per_s_ratio"].values()) > 0
+    # sampling: latency at batch 1 and throughput at a batch of 3, the GPT next to the diffusion models at each step count
+    samplers = ["gpt"] + [f"{m} {s} steps" for m in ("diffusion", "masked") for s in (1, 3)]
+    assert (r["sample_seq_len"], r["sample_batch_size"]) == (32, 3)
+    for key in ("sample_latency_s", "sample_tokens_per_s"):
+        assert list(r[key]) == samplers and min(r[key].values()) > 0, key
+    for key in ("sample_latency_ratio", "sample_tokens_per_s_ratio"):
+        assert list(r[key]) == samplers[1:] and min(r[key].values()) > 0, key
     # the self-conditioning pass costs compute: the mix lies between off and every step
     f = r["flops_per_token"]
     assert f["gpt"] < f["diffusion_no_self_cond"] < f["diffusion"] < f["diffusion_self_cond_every_step"]
