@@ -193,7 +193,7 @@ def step3_train(model, tokenizer, device, args, fresh):
 
 @torch.no_grad()
 def step4_reverse(model, tokenizer, device, args):
-    num_steps = args.num_steps or model.config.distilled_steps or 50
+    num_steps = args.num_steps
     condition = (f", label {args.label!r}" if args.label else "") + (f", guidance {args.guidance:g}" if args.guidance else "")
     header(f"4. Reverse diffusion: from pure noise to text in {num_steps} denoising steps (argmax of each x0 "
            f"estimate){condition}")
@@ -234,6 +234,7 @@ def main(argv=None):
         config = DiffusionConfig(vocab_size=tokenizer.get_vocab_size(), depth=1, max_seq_len=64, embed_dim=32)
         model = DiffusionRoBERTa(config).to(device)
         print(f"model: a fresh DiffusionRoBERTa, depth 1, {model.num_params():,} parameters")
+    args.num_steps = args.num_steps or model.config.distilled_steps or 50  # a distilled checkpoint's own by default
     sampler_settings(model, 1.0, dict(num_steps=args.num_steps, label=args.label, guidance=args.guidance))  # step 4's
     step1_schedules(args.out_dir, model.config)
     step2_forward(model, tokenizer, PARAGRAPH.split(". ")[0] + ".", device, args.seed)

@@ -70,10 +70,11 @@ def teacher_argv(ckpt, train_flags):
     if refused:
         raise UserError(f"{', '.join('--' + f for f in refused)}: the distillation sets these itself (the student is "
                         f"the teacher's network; use --out_dir and --resume)")
-    config = {k: v for k, v in ckpt["config"].items() if k not in ("vocab_size", "distilled_steps")}
+    knobs = {f.name for f in fields(DiffusionConfig) if "help" in f.metadata} - {"vocab_size", "distilled_steps"}
+    config = {k: v for k, v in ckpt["config"].items() if k in knobs}
     argv = [x for k, v in config.items() for x in (f"--{k}", str(int(v) if isinstance(v, bool) else v))]
     given = trainer.flags_set("diffusion", train_flags)
-    for flag in ("data_dir", "tokenizer_dir"):  # where the teacher was trained, unless given
+    for flag in ("data_dir", "tokenizer_dir", "label_column"):  # as the teacher was trained (its labels), unless given
         value = ckpt["meta"].get("args", {}).get(flag)
         if flag not in given and value is not None:
             argv += [f"--{flag}", value]

@@ -81,16 +81,25 @@ def get_parser(module):
     mod = importlib.import_module(module)
     original = argparse.ArgumentParser.parse_args
 
+    original_known = argparse.ArgumentParser.parse_known_args
+
     def capture(self, *args, **kwargs):
         raise _Parser(self)
 
+    def capture_known(self, *args, **kwargs):  # a script's own parser (a pre-parser has no --help) passing flags on
+        if self.add_help:
+            raise _Parser(self)
+        return original_known(self, *args, **kwargs)
+
     argparse.ArgumentParser.parse_args = capture
+    argparse.ArgumentParser.parse_known_args = capture_known
     try:
         mod.main()
     except _Parser as e:
         return e.args[0]
     finally:
         argparse.ArgumentParser.parse_args = original
+        argparse.ArgumentParser.parse_known_args = original_known
     raise AssertionError(f"{module}.main() built no argparse parser")
 
 
@@ -118,6 +127,10 @@ def test_command_module_and_flags(doc, module, args):
     path = REPO / (module.replace(".", "/") + ".py")
     assert path.is_file(), f"{doc}: no module {module}"
     parser = get_parser(module)
+    if module == "scripts.diffusion_distill":  # its other flags are diffusion_train's
+        args, rest = parser.parse_known_args(["1" if "$" in tok else tok for tok in args])[1], args
+        check_flag_names(doc, "scripts.diffusion_train", get_parser("scripts.diffusion_train"), args)
+        args = [tok for tok in rest if tok not in args]
     check_flag_names(doc, module, parser, args)
     for passed_on in ("--diffusion_args", "--gpt_args", "--masked_args"):  # scripts.compare's flags for diffusion_train
         if module == "scripts.compare" and passed_on in args:
