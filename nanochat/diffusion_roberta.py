@@ -207,7 +207,7 @@ class DiffusionRoBERTa(LanguageModel):
     # generate()'s sampler options and their defaults: noise at 0.85 of the reverse process's and a score temperature
     # of 0.9 sampled best against the GPT; both at 1 give the model's own reverse process
     sampler_defaults = dict(num_steps=128, sampler="ddpm", noise_scale=0.85, score_temperature=0.9, clamp=False, compile=False,
-                            label=None, guidance=0.0, guidance_space="logits", guidance_self_cond="own")
+                            label=None, guidance=0.0)
 
     def __init__(self, config):
         super().__init__(config)
@@ -510,8 +510,6 @@ class DiffusionRoBERTa(LanguageModel):
             (0 < settings["score_temperature"] < math.inf, f"score_temperature must be finite and > 0, got {settings['score_temperature']}"),
             (settings["label"] is None or isinstance(settings["label"], str), f"label must be a label name, got {settings['label']!r}"),
             (isinstance(g, (int, float)) and 0 <= g < math.inf, f"guidance must be finite and >= 0 (0 = no guidance), got {g}"),
-            (settings["guidance_space"] in ("logits", "x0"), "guidance_space: logits or x0"),
-            (settings["guidance_self_cond"] in ("own", "guided"), "guidance_self_cond: own or guided"),
         ])
 
     def check_settings(self, settings):
@@ -612,13 +610,13 @@ class DiffusionRoBERTa(LanguageModel):
                 if w:  # the unconditional estimate: no label, and the known positions left to the sampler's own latent z
                     x0_u, logits_u = predict_x0(z, levels.at(i), no_mask, x0_sc_uncond if c.self_cond else torch.zeros_like(z),
                                                 temperature, context, start, None)
-                    x0_g, logits_g = self.guide(x0_hat, logits, x0_u, logits_u, w, o["guidance_space"], E)
-                    if o["guidance_self_cond"] == "own":
-                        x0_sc, x0_sc_uncond = finish(x0_hat, logits, mask, xk), finish(x0_u, logits_u, no_mask, xk)
-                    x0_hat, logits = x0_g, logits_g
+                    # each branch self-conditions on its own estimate; guidance in logit space (dev/LOG.md)
+                    x0_sc, x0_sc_uncond = finish(x0_hat, logits, mask, xk), finish(x0_u, logits_u, no_mask, xk)
+                    logits = logits + w * (logits - logits_u)
+                    x0_hat = torch.softmax(logits, dim=-1) @ E
                 x0_hat = finish(x0_hat, logits, mask, xk)
-                if not w or o["guidance_self_cond"] == "guided":
-                    x0_sc = x0_sc_uncond = x0_hat
+                if not w:
+                    x0_sc = x0_hat
                 z = reverse_step(z_known, x0_hat, steps[i], generator)
                 if return_trajectory:
                     trajectory.append(torch.cat([tokens[:, :start], torch.where(mask, ids, logits.argmax(-1))], dim=1))
@@ -626,16 +624,6 @@ class DiffusionRoBERTa(LanguageModel):
                     callback()
             tokens[:, start:end] = torch.where(mask, ids, logits.argmax(-1))
         return (tokens, trajectory) if return_trajectory else tokens
-
-    @staticmethod
-    def guide(x0_c, logits_c, x0_u, logits_u, w, space, E):
-        """Classifier-free guidance: (x0, logits) of cond + w * (cond - uncond)."""
-        if space == "logits":
-            logits = logits_c + w * (logits_c - logits_u)
-            return torch.softmax(logits, dim=-1) @ E, logits
-        x0 = x0_c + w * (x0_c - x0_u)
-        return x0, x0 @ E.t()
-
 
 def reverse_steps(gammas, sampler, noise_scale, score_temperature):
     """The coefficients of each reverse step from gammas[i] to the cleaner gammas[i + 1] (VDM's posterior, in

@@ -54,8 +54,6 @@ def get_args(argv=None):
     a("--output", default="guidance_eval.json", help="the JSON results; the markdown table goes beside it (.md)")
     a("--seed", type=int, default=42)
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
-    a("--guidance_space", default=None, help="(temporary) logits or x0")
-    a("--guidance_self_cond", default=None, help="(temporary) own or guided")
     add_sampler_args(p, conditioning=False)
     return p.parse_args(argv)
 
@@ -221,8 +219,7 @@ def main(argv=None):
     check_args(args)
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, judge, column, step = load(args, device)
-    options = sampler_options(args, num_steps=args.num_steps, guidance=None,  # --guidance here: the weights to compare
-                              guidance_space=args.guidance_space, guidance_self_cond=args.guidance_self_cond)
+    options = sampler_options(args, num_steps=args.num_steps, guidance=None)  # --guidance here: the weights to compare
     settings = sampler_settings(model, args.temperature, options)
     autocast = autocast_for(device, args.dtype)
 
