@@ -214,6 +214,13 @@ def final_checkpoint(args, model_type, plan):
     return checkpoint_path(os.path.join(args.out_dir, model_type), model_type, plan["num_iterations"][model_type])
 
 
+def same_run_flags(old, new):
+    """Whether a run with the flags old trained what one with new would: its folder aside (a moved --out_dir stays
+    reusable), and a flag newer than the run taken at its default."""
+    defaults = vars(trainer.train_parser(new["model"]).parse_args([]))
+    return all(old.get(k, defaults.get(k)) == v for k, v in new.items() if k not in ("checkpoint_dir", "keep_last"))
+
+
 def can_reuse(args, model_type, plan):
     """Whether this model's run in --out_dir is complete and intact, with its best checkpoint, and was trained with
     the very flags that this comparison would give it."""
@@ -226,7 +233,7 @@ def can_reuse(args, model_type, plan):
     except UserError as e:
         print(f"{model_type}: {e}; training it again")
         return False
-    if ckpt["meta"].get("args") != vars(train_args(args, model_type, plan["num_iterations"][model_type])):
+    if not same_run_flags(ckpt["meta"].get("args", {}), vars(train_args(args, model_type, plan["num_iterations"][model_type]))):
         return False
     best = min(state["history"]["eval"], key=lambda e: e["val_bpb"])
     run_ids = {ckpt["meta"].get("run_id"), state.get("run_id"), best_ckpt["meta"].get("run_id")}

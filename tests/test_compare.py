@@ -1,6 +1,7 @@
 """scripts.bench (throughput side by side) and scripts.compare (diffusion vs GPT at equal compute), end to end."""
 import json
 import os
+import shutil
 import re
 
 import pytest
@@ -109,6 +110,17 @@ def test_reuse_needs_the_same_flags_and_the_best_checkpoint(tiny_data_dir, tiny_
     args = compare.get_args(argv)
     plan, _ = compare.make_plan(args, compare.torch.device("cpu"))
     assert compare.can_reuse(args, "gpt", plan) and compare.can_reuse(args, "diffusion", plan)
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "gpt", moved / "gpt")
+    assert compare.can_reuse(compare.get_args(argv + ["--out_dir", str(moved)]), "gpt", plan)  # a moved --out_dir
+    gpt_final = moved / "gpt" / os.path.basename(compare.final_checkpoint(args, "gpt", plan))
+    ckpt = compare.torch.load(gpt_final, weights_only=True)
+    del ckpt["meta"]["args"]["ema_decay"]  # a run older than a flag: as if at its default
+    compare.torch.save(ckpt, gpt_final)
+    assert compare.can_reuse(compare.get_args(argv + ["--out_dir", str(moved)]), "gpt", plan)
+    ckpt["meta"]["args"]["ema_decay"] = 0.5
+    compare.torch.save(ckpt, gpt_final)
+    assert not compare.can_reuse(compare.get_args(argv + ["--out_dir", str(moved)]), "gpt", plan)
     gpt_state = compare.state_path(compare.final_checkpoint(args, "gpt", plan), 0)
     intact = open(gpt_state, "rb").read()
     os.truncate(gpt_state, 1000)  # a damaged run is named and trained again, not a traceback
