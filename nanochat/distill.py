@@ -50,19 +50,19 @@ class Student(DiffusionRoBERTa):
 
     def __init__(self, config, teacher, method="progressive", grid=None):
         super().__init__(config)
-        self.__dict__["method"], self.__dict__["grid"] = method, grid
+        self.method, self.grid = method, grid
         network = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("distilled_steps", "bound_samples")}
         if network(config) != network(teacher.config) or config.distilled_steps < 1:
             raise ValueError("a student needs its teacher's config (the evaluation's bound_samples aside) with distilled_steps >= 1")
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)  # not a module of the student: never saved or trained
         N, device = config.distilled_steps, teacher.embedding.weight.device
-        self.__dict__["student_gammas"] = self.step_gammas(N)
-        self.__dict__["teacher_gammas"] = teacher.step_gammas(2 * N)
-        self.__dict__["student_steps"] = ddim_coefficients(self.student_gammas, 1.0, device)
-        self.__dict__["teacher_steps"] = ddim_coefficients(self.teacher_gammas, 1.0, device)
+        self.student_gammas = self.step_gammas(N)
+        self.teacher_gammas = teacher.step_gammas(2 * N)
+        self.student_steps = ddim_coefficients(self.student_gammas, 1.0, device)
+        self.teacher_steps = ddim_coefficients(self.teacher_gammas, 1.0, device)
         if method == "consistency":  # one DDIM step of the teacher's on its grid of `grid` steps
-            self.__dict__["teacher_gammas"] = teacher.step_gammas(grid)
-            self.__dict__["teacher_steps"] = ddim_coefficients(self.teacher_gammas, 1.0, device)
+            self.teacher_gammas = teacher.step_gammas(grid)
+            self.teacher_steps = ddim_coefficients(self.teacher_gammas, 1.0, device)
 
     @classmethod
     def from_teacher(cls, teacher, config, **kw):

@@ -66,6 +66,7 @@ def add_sampler_args(parser):
     a("--noise_scale", type=float, default=None, help=f"diffusion: scales the ancestral noise (1 = the reverse process's; default {d['noise_scale']})")
     a("--score_temperature", type=float, default=None,
       help=f"diffusion: divides the predicted noise, < 1 sharpens every step (1 = the reverse process's; default {d['score_temperature']})")
+    a("--spacing", default=None, help=f"diffusion: the steps evenly spaced in t or in log-SNR (t or log_snr; default {d['spacing']})")
     a("--clamp", action="store_const", const=True, default=None, help="diffusion: snap every x0 estimate to its nearest token embedding (Diffusion-LM)")
     a("--compile", action="store_const", const=True, default=None, help="diffusion: torch.compile the denoiser")
     a("--dtype", choices=DTYPES, default=None, help="bfloat16: bf16 autocast (the default on CUDA); float32 (the default elsewhere)")
@@ -74,7 +75,7 @@ def add_sampler_args(parser):
 def sampler_options(args, **more):
     """The add_sampler_args flags that were given (and more, e.g. num_steps), as generate() options."""
     return {k: v for k, v in dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature,
-                                  clamp=args.clamp, compile=args.compile, **more).items() if v is not None}
+                                  spacing=args.spacing, clamp=args.clamp, compile=args.compile, **more).items() if v is not None}
 
 
 def sampler_settings(model, temperature, options):
