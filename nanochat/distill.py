@@ -24,6 +24,8 @@ Self-conditioning is formed as the sampler forms it: nothing on the sampler's fi
 the estimate of the step before, which the teacher's second step gets exactly; where the chain has no step before
 (the teacher's first step, the student's step), a no-grad first pass at the same z_t stands in for it, as in the
 model's own training. The token embeddings stay the teacher's (frozen): the diffusion runs in the teacher's space.
+Consistency distillation (Song et al. 2023), measured against this on a small budget, followed its teacher less
+closely (dev/LOG.md).
 """
 
 import torch
@@ -48,9 +50,8 @@ class Student(DiffusionRoBERTa):
     """A student of config.distilled_steps = N steps, initialised as the teacher (2N steps, the same network)."""
     learning_rates = {name: LEARNING_RATE_SCALE * rate for name, rate in learning_rates(DiffusionRoBERTa).items()}
 
-    def __init__(self, config, teacher, method="progressive", grid=None):
+    def __init__(self, config, teacher):
         super().__init__(config)
-        self.method, self.grid = method, grid
         network = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("distilled_steps", "bound_samples")}
         if network(config) != network(teacher.config) or config.distilled_steps < 1:
             raise ValueError("a student needs its teacher's config (the evaluation's bound_samples aside) with distilled_steps >= 1")
@@ -60,15 +61,12 @@ class Student(DiffusionRoBERTa):
         self.teacher_gammas = teacher.step_gammas(2 * N)
         self.student_steps = ddim_coefficients(self.student_gammas, 1.0, device)
         self.teacher_steps = ddim_coefficients(self.teacher_gammas, 1.0, device)
-        if method == "consistency":  # one DDIM step of the teacher's on its grid of `grid` steps
-            self.teacher_gammas = teacher.step_gammas(grid)
-            self.teacher_steps = ddim_coefficients(self.teacher_gammas, 1.0, device)
 
     @classmethod
-    def from_teacher(cls, teacher, config, **kw):
+    def from_teacher(cls, teacher, config):
         """The student on the teacher's device with the teacher's weights; its token embeddings frozen."""
         with torch.device(teacher.embedding.weight.device):
-            student = cls(config, teacher, **kw)
+            student = cls(config, teacher)
         student.load_state_dict(teacher.state_dict())
         student.embedding.weight.requires_grad_(False)
         return student
@@ -92,35 +90,8 @@ class Student(DiffusionRoBERTa):
         x0_hat = model.predict_x0(z, level, known, x0_sc, context=context)[0]
         return torch.where(known[..., None], x, x0_hat)
 
-    def consistency_loss(self, tokens):
-        B, T = tokens.shape
-        M, device = self.grid, tokens.device
-        j = (sample_t(B) * M).long().clamp(max=M - 1)
-        jd = j.to(device)
-        x = F.embedding(tokens, self.embed_matrix())
-        known = sample_known(B, T, self.config.cond_rate if self.training else 0.0, device)
-        context = self.clean_context(tokens)
-        level = self.noise_level(self.teacher_gammas[j])
-        z, _ = self.noised(x, level, known)
-        first = (jd == 0)[:, None, None]
-        with torch.no_grad():
-            x0_t = self.estimate(self.teacher, z, level, known, x, first, context)
-            a, b = self.teacher_steps[jd].T[..., None, None]
-            z_s = torch.where(known[..., None], x, a * z + b * x0_t)
-        x0_hat = self.estimate(self, z, level, known, x, first, context)
-        with torch.no_grad():
-            sc = x0_hat.detach() if self.config.self_cond else torch.zeros_like(z)
-            later = self.predict_x0(z_s, self.noise_level(self.teacher_gammas[j + 1]), known, sc, context=context)[0]
-            target = torch.where((jd == M - 1)[:, None, None], x0_t, later)
-        weight = (level.alpha / level.sigma).square().clamp(min=1.0)
-        loss = (weight * (x0_hat - target).square()).sum(-1)
-        noised = ~known
-        return (loss * noised).sum() / noised.sum().clamp(min=1)
-
     def forward(self, tokens):
         """The distillation loss (a scalar) for a (B, T) batch of token ids."""
-        if self.method == "consistency":
-            return self.consistency_loss(tokens)
         B, T = tokens.shape
         N, device = self.config.distilled_steps, tokens.device
         j = (sample_t(B) * N).long().clamp(max=N - 1)  # the student's step of each row, stratified over the N

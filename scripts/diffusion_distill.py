@@ -42,7 +42,6 @@ def get_args(argv=None):
     a("--steps_to", type=int, default=4, help="the last round's student steps (steps_from / 2^k)")
     a("--out_dir", default="distill", help="one folder per round in it: steps_064, steps_032, ...")
     a("--resume", action="store_true", help="continue the distillation in --out_dir")
-    a("--method", choices=["progressive", "consistency"], default="progressive")
     return p.parse_known_args(argv)  # the rest: diffusion_train flags
 
 
@@ -106,8 +105,6 @@ def main(argv=None):
         raise UserError(f"--teacher {args.teacher} was distilled for {distilled} steps: distil it further with "
                         f"--steps_from {distilled}")
     rounds = plan_rounds(steps_from, args.steps_to)
-    if args.method == "consistency":
-        rounds = [args.steps_to]
     base_argv = teacher_argv(ckpt, train_flags)
     targs = trainer.get_args(base_argv + ["--distilled_steps", str(rounds[0]), "--checkpoint_dir", args.out_dir])
     trainer.check_args(targs)  # every flag, and that --out_dir can be written, before any round trains
@@ -126,8 +123,7 @@ def main(argv=None):
         else:
             print0(f"round {2 * steps} -> {steps} steps: teacher {teacher}, student in {folder}")
             resume = ["--resume"] if find_latest(folder, "diffusion", world_size) else ["--overwrite"]
-            kw = dict(method="consistency", grid=steps_from) if args.method == "consistency" else {}
-            build = lambda config, device, path=teacher: Student.from_teacher(load_model(path, device)[0], config, **kw)
+            build = lambda config, device, path=teacher: Student.from_teacher(load_model(path, device)[0], config)
             trainer.main(base_argv + ["--distilled_steps", str(steps), "--checkpoint_dir", folder] + resume, build=build)
         teacher = final
     print0("students: " + ", ".join(f"{n} steps {checkpoint_path(round_dir(args.out_dir, n), 'diffusion', targs.num_iterations)}"
