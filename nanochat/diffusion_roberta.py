@@ -28,6 +28,7 @@ from nanochat.transformer import Block, LanguageModel, TransformerConfig, knob, 
 OBJECTIVES = ("logits", "eps")
 SCHEDULES = ("cosine", "linear", "sqrt")
 SAMPLERS = ("ddpm", "ddim")
+SPACINGS = ("t", "log_snr")
 
 
 @dataclass
@@ -206,8 +207,8 @@ class DiffusionRoBERTa(LanguageModel):
     learning_rates = dict(matrix_lr=0.01, head_lr=0.001)
     # generate()'s sampler options and their defaults: noise at 0.85 of the reverse process's and a score temperature
     # of 0.9 sampled best against the GPT; both at 1 give the model's own reverse process
-    sampler_defaults = dict(num_steps=128, sampler="ddpm", noise_scale=0.85, score_temperature=0.9, clamp=False, compile=False,
-                            label=None, guidance=0.0)
+    sampler_defaults = dict(num_steps=128, sampler="ddpm", noise_scale=0.85, score_temperature=0.9, spacing="t", clamp=False,
+                            compile=False, label=None, guidance=0.0)
 
     def __init__(self, config):
         super().__init__(config)
@@ -506,6 +507,7 @@ class DiffusionRoBERTa(LanguageModel):
         TransformerConfig.check([
             (isinstance(settings["num_steps"], int) and settings["num_steps"] >= 1, f"num_steps must be an integer >= 1, got {settings['num_steps']}"),
             (settings["sampler"] in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {settings['sampler']!r}"),
+            (settings["spacing"] in SPACINGS, f"spacing must be one of {SPACINGS}, got {settings['spacing']!r}"),
             (0 <= settings["noise_scale"] < math.inf, f"noise_scale must be finite and >= 0, got {settings['noise_scale']}"),
             (0 < settings["score_temperature"] < math.inf, f"score_temperature must be finite and > 0, got {settings['score_temperature']}"),
             (settings["label"] is None or isinstance(settings["label"], str), f"label must be a label name, got {settings['label']!r}"),
@@ -535,6 +537,7 @@ class DiffusionRoBERTa(LanguageModel):
             how += f", noise x{settings['noise_scale']:g}"
         if settings["score_temperature"] != 1:
             how += f", score temperature {settings['score_temperature']:g}"
+        how += ", steps even in log-SNR" if settings["spacing"] == "log_snr" else ""
         how += ", clamped" if settings["clamp"] else ""
         how += ", compiled" if settings["compile"] else ""
         how += f", label {settings['label']!r}" if settings["label"] is not None else ""
@@ -549,9 +552,14 @@ class DiffusionRoBERTa(LanguageModel):
     def can_infill(self):
         return not self.config.block_size  # block diffusion writes left to right: it cannot see text after a gap
 
-    def step_gammas(self, num_steps):
-        """gamma at the num_steps + 1 ends of the sampler's steps, from t = 1 to t = 0, evenly spaced in t (float64)."""
-        return self.schedule.gamma(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64))
+    def step_gammas(self, num_steps, spacing="t"):
+        """gamma at the num_steps + 1 ends of the sampler's steps, from t = 1 to t = 0 (float64): evenly spaced in t, or
+        in gamma = -log SNR itself (closer to many steps' path for few deterministic steps; dev/LOG.md)."""
+        t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+        if spacing == "log_snr":
+            ends = self.schedule.gamma(t[[0, -1]]).tolist()
+            return torch.linspace(*ends, num_steps + 1, dtype=torch.float64)
+        return self.schedule.gamma(t)
 
     @torch.no_grad()
     def generate(self, num_samples, seq_len, known=None, temperature=1.0, generator=None, callback=None,
@@ -560,12 +568,13 @@ class DiffusionRoBERTa(LanguageModel):
         unchanged (a prompt, or the text around infilling gaps). temperature divides the logits and scales the
         ancestral noise. options (sampler_defaults): num_steps; sampler ddpm (ancestral) or ddim (deterministic);
         noise_scale scales the ancestral noise further; score_temperature divides the predicted noise, which sharpens
-        every step towards the denoised estimate (Plaid's score temperature); clamp snaps each x0 estimate to its
-        nearest token embedding (Diffusion-LM); compile runs the denoiser through torch.compile; label conditions
-        every position on one of the model's labels (config.labels); guidance w > 0 is classifier-free guidance
-        (Ho & Salimans 2022): every step also runs the network without the conditions (no label, no known tokens),
-        and the estimate becomes cond + w * (cond - uncond). With return_trajectory, also returns the list of argmax
-        token estimates after every step. callback() runs after every step (progress bars).
+        every step towards the denoised estimate (Plaid's score temperature); spacing t or log_snr spaces the steps
+        evenly in t or in gamma = -log SNR (step_gammas); clamp snaps each x0 estimate to its nearest token embedding
+        (Diffusion-LM); compile runs the denoiser through torch.compile; label conditions every position on one of the
+        model's labels (config.labels); guidance w > 0 is classifier-free guidance (Ho & Salimans 2022): every step
+        also runs the network without the conditions (no label, no known tokens), and the estimate becomes
+        cond + w * (cond - uncond). With return_trajectory, also returns the list of argmax token estimates after every
+        step. callback() runs after every step (progress bars).
         With block_size K, the blocks of K tokens are generated left to right, num_steps each, every block given
         the clean tokens before it (semi-autoregressive, as in SSD-LM and BD3-LM); guidance drops the label and the
         known tokens of the block being generated, while the clean blocks before it stay its context."""
@@ -582,7 +591,7 @@ class DiffusionRoBERTa(LanguageModel):
             known_mask[:, pos] = True
             known_ids[:, pos] = tok
         x_known = F.embedding(known_ids, E)
-        gammas = self.step_gammas(num_steps)
+        gammas = self.step_gammas(num_steps, o["spacing"])
         levels = self.noise_level(gammas)  # the whole table moved once: no host-device copy per step
         steps = reverse_steps(gammas, o["sampler"], temperature * o["noise_scale"], o["score_temperature"])
         tokens = known_ids.clone()

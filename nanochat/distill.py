@@ -24,6 +24,8 @@ Self-conditioning is formed as the sampler forms it: nothing on the sampler's fi
 the estimate of the step before, which the teacher's second step gets exactly; where the chain has no step before
 (the teacher's first step, the student's step), a no-grad first pass at the same z_t stands in for it, as in the
 model's own training. The token embeddings stay the teacher's (frozen): the diffusion runs in the teacher's space.
+Consistency distillation (Song et al. 2023), measured against this on a small budget, followed its teacher less
+closely (dev/LOG.md).
 """
 
 import torch

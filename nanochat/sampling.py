@@ -67,6 +67,7 @@ def add_sampler_args(parser, conditioning=True):
     a("--noise_scale", type=float, default=None, help=f"diffusion: scales the ancestral noise (1 = the reverse process's; default {d['noise_scale']})")
     a("--score_temperature", type=float, default=None,
       help=f"diffusion: divides the predicted noise, < 1 sharpens every step (1 = the reverse process's; default {d['score_temperature']})")
+    a("--spacing", default=None, help=f"diffusion: the steps evenly spaced in t or in log-SNR (t or log_snr; default {d['spacing']})")
     a("--clamp", action="store_const", const=True, default=None, help="diffusion: snap every x0 estimate to its nearest token embedding (Diffusion-LM)")
     a("--compile", action="store_const", const=True, default=None, help="diffusion: torch.compile the denoiser")
     if conditioning:
@@ -81,7 +82,7 @@ def sampler_options(args, **more):
     """The add_sampler_args flags that were given, updated by more (e.g. num_steps; None = not given), as generate()
     options."""
     options = dict(sampler=args.sampler, noise_scale=args.noise_scale, score_temperature=args.score_temperature,
-                   clamp=args.clamp, compile=args.compile, label=getattr(args, "label", None),
+                   spacing=args.spacing, clamp=args.clamp, compile=args.compile, label=getattr(args, "label", None),
                    guidance=getattr(args, "guidance", None)) | more
     return {k: v for k, v in options.items() if v is not None}
 

@@ -442,3 +442,16 @@ def test_output_prior_makes_the_untrained_model_the_best_token_alone_denoiser():
     off.fit_unigram_prior(iter(batches))
     assert off.log_prior is None and "log_prior" not in off.state_dict()  # checkpoints without the prior load as before
     GPT(GPTConfig(depth=1, vocab_size=V, max_seq_len=T)).fit_unigram_prior(iter(()))  # no prior: nothing read
+
+
+def test_steps_spaced_in_log_snr_share_the_ends_of_the_steps_spaced_in_t():
+    """spacing="log_snr" puts the sampler's step ends evenly in gamma between the same two ends as the default
+    (evenly in t); a bad spacing is one clear error."""
+    model = DiffusionRoBERTa(DiffusionConfig(vocab_size=64, depth=1, max_seq_len=16, embed_dim=8))
+    by_t, by_gamma = model.step_gammas(8), model.step_gammas(8, "log_snr")
+    assert torch.allclose(by_gamma[[0, -1]], by_t[[0, -1]]) and by_t[0] > by_t[-1]
+    assert torch.allclose(by_gamma.diff(), by_gamma.diff()[0].expand(8)) and not torch.allclose(by_t.diff(), by_t.diff()[0].expand(8))
+    ids = model.generate(2, 16, {0: 1}, generator=torch.Generator().manual_seed(0), num_steps=3, sampler="ddim", spacing="log_snr")
+    assert ids.shape == (2, 16) and ids[:, 0].eq(1).all()
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        model.generate(1, 16, spacing="cosine")
