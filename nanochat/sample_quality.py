@@ -10,7 +10,8 @@ A sample is a list of token ids (the generated part, without the BOS it was star
                       same sample, pooled over the samples: 0 = no repeats, near 1 = loops
     generative_nll    mean nats per token of the samples under an autoregressive judge (a GPT checkpoint
                       with the same tokenizer); generative perplexity = exp(generative_nll); with context, of
-                      the continuation given a prompt (judged_nats: per sample)
+                      the continuation given a prompt (judged_nats: per sample); judge_figures adds its
+                      standard error over the samples
 """
 
 import math
@@ -101,12 +102,25 @@ def generative_nll(judge, token_lists, bos_id=None, batch_size=32, context=0):
     return sum(nats) / sum(counts) if sum(counts) else float("nan")
 
 
+def ratio_stderr(nats, counts):
+    """The standard error of sum(nats) / sum(counts) over independent samples (the delta method; nan below two)."""
+    n, mean = len(nats), sum(nats) / sum(counts) if sum(counts) else float("nan")
+    if n < 2:
+        return float("nan")
+    spread = sum((x - mean * c) ** 2 for x, c in zip(nats, counts)) / (n - 1)
+    return math.sqrt(spread / n) / (sum(counts) / n)
+
+
+def judge_figures(judge, token_lists, bos_id=None):
+    """gen_nll (mean nats per scored token, see judged_nats), its standard error over the samples, and gen_ppl."""
+    nats, counts = judged_nats(judge, token_lists, bos_id)
+    nll = sum(nats) / sum(counts) if sum(counts) else float("nan")
+    return dict(gen_nll=nll, gen_nll_stderr=ratio_stderr(nats, counts), gen_ppl=math.exp(nll))
+
+
 def sample_quality(token_lists, judge=None, bos_id=None):
-    """All the metrics as one dict; gen_nll / gen_ppl are None without a judge."""
+    """All the metrics as one dict; gen_nll / gen_nll_stderr / gen_ppl are None without a judge."""
     out = dict(unigram_entropy_nats=unigram_entropy(token_lists), distinct_1=distinct_n(token_lists, 1),
                distinct_2=distinct_n(token_lists, 2), repetition_rate_4gram=repetition_rate(token_lists, 4),
-               gen_nll=None, gen_ppl=None)
-    if judge is not None:
-        out["gen_nll"] = generative_nll(judge, token_lists, bos_id)
-        out["gen_ppl"] = math.exp(out["gen_nll"])
-    return out
+               gen_nll=None, gen_nll_stderr=None, gen_ppl=None)
+    return out | (judge_figures(judge, token_lists, bos_id) if judge is not None else {})

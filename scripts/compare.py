@@ -50,7 +50,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.evaluate import evaluate_bpb
 from nanochat.ngram import NGram
 from nanochat.report import device_name, git_commit  # (selects matplotlib's Agg backend: no display needed)
-from nanochat.sample_quality import generative_nll, sample_quality
+from nanochat.sample_quality import judge_figures, sample_quality
 from nanochat.sampling import add_sampler_args, decode, generate, sampler_options, sampler_settings
 
 # validation evaluations per run along the way, besides the one at step 0: the GPT's exact evaluation costs one
@@ -306,8 +306,7 @@ def validation_reference(args, tokenizer, judge, sample_len, device, autocast):
     except StopIteration:
         return None
     with autocast:  # the first token is context, as BOS is for the samples: sample_len - 1 tokens scored
-        q = dict(sample_quality([r[1:] for r in rows]), gen_nll=generative_nll(judge, rows))
-    q["gen_ppl"] = math.exp(q["gen_nll"])
+        q = sample_quality([r[1:] for r in rows]) | judge_figures(judge, rows)
     return dict(label="validation text", **q, examples=[tokenizer.decode(r) for r in rows[:args.num_show]])
 
 
@@ -428,7 +427,7 @@ def tables(result):
               "| sampling seconds | tokens/s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["settings"] + s["references"]:
-        lines.append(f"| {r['label']} | {fmt(r['gen_ppl'], '.2f')} | {fmt(r['gen_nll'], '.3f')} | {fmt(r['nll_ratio'], '.3f')} | "
+        lines.append(f"| {r['label']} | {fmt(r['gen_ppl'], '.2f')} | {fmt(r['gen_nll'], '.3f')} ± {fmt(r['gen_nll_stderr'], '.3f')} | {fmt(r['nll_ratio'], '.3f')} | "
                      f"{fmt(r['unigram_entropy_nats'], '.3f')} | {fmt(r['entropy_ratio'], '.3f')} | "
                      f"{fmt(r['distinct_2'], '.3f')} | {fmt(r['repetition_rate_4gram'], '.3f')} | "
                      f"{fmt(r.get('seconds'), '.2f')} | {fmt(r.get('tokens_per_s'), ',.0f')} |")

@@ -90,7 +90,7 @@ def sample_row(model, label, options, args, bos, judge, device, autocast):
     seconds = time.perf_counter() - t0
     with autocast:
         quality = sample_quality([row[1:] for row in ids.tolist()], judge, bos)
-    print(f"{label}, {model.describe_sampler(how)}: judge NLL {quality['gen_nll']:.3f}, entropy "
+    print(f"{label}, {model.describe_sampler(how)}: judge NLL {quality['gen_nll']:.3f} ± {quality['gen_nll_stderr']:.3f}, entropy "
           f"{quality['unigram_entropy_nats']:.3f}, {seconds:.1f}s")
     return dict(label=label, sampler=model.describe_sampler(how), steps=how.get("num_steps"), seconds=seconds, **quality)
 
@@ -144,7 +144,7 @@ def print_tables(rows, bounds, args):
     print("| checkpoint | sampler | judge NLL | / GPT's | unigram entropy | / GPT's | distinct-2 | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['label']} | {r['sampler']} | {r['gen_nll']:.3f} | {r['nll_ratio']:.3f} | {r['unigram_entropy_nats']:.3f} | "
+        print(f"| {r['label']} | {r['sampler']} | {r['gen_nll']:.3f} ± {r['gen_nll_stderr']:.3f} | {r['nll_ratio']:.3f} | {r['unigram_entropy_nats']:.3f} | "
               f"{r['entropy_ratio']:.3f} | {fmt(r['distinct_2'], '.3f')} | {r['seconds']:.1f} |")
     if bounds:
         print("\n| checkpoint | validation bpb (bound) |\n|---|---|")

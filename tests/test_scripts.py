@@ -22,7 +22,9 @@ from nanochat.common import UserError, run_main
 from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.ngram import NGram
-from nanochat.sample_quality import distinct_n, generative_nll, load_judge, repetition_rate, sample_quality, unigram_entropy
+from nanochat.sample_quality import (
+    distinct_n, generative_nll, load_judge, ratio_stderr, repetition_rate, sample_quality, unigram_entropy,
+)
 from nanochat.sampling import build_infill, generate, parse_infill
 from nanochat.tokenizer import Tokenizer
 from nanochat import train as trainer
@@ -114,6 +116,9 @@ def test_generative_nll_and_judge_identity(tiny_tokenizer, tmp_path):
     assert generative_nll(judge, samples, bos_id=tok.get_bos_token_id()) == pytest.approx(math.log(V), rel=1e-5)
     q = sample_quality(samples, judge, tok.get_bos_token_id())
     assert q["gen_ppl"] == pytest.approx(V, rel=1e-4) and sample_quality(samples)["gen_ppl"] is None
+    assert q["gen_nll_stderr"] == pytest.approx(0, abs=1e-5)  # every token scored alike: no spread
+    per_sample = torch.tensor([2.0, 3.0, 7.0])  # samples of equal length: the standard error of their mean
+    assert ratio_stderr((per_sample * 4).tolist(), [4, 4, 4]) == pytest.approx((per_sample.std() / math.sqrt(3)).item())
     with pytest.raises(UserError, match="max_seq_len"):
         generative_nll(judge, [list(range(20))])
     save_model_file(str(tmp_path / "same.pt"), 0, judge, "gpt", tok)
