@@ -45,7 +45,8 @@ class DiffusionConfig(TransformerConfig):
     elbo_weight: float = knob(1.0, "add this times the ELBO-weighted MSE (the bound's diffusion term) to the loss")
     block_size: int = knob(0, "0: diffuse the whole sequence | K: blocks of K tokens, each given the clean blocks before it")
     local_mix: int = knob(3, "K > 0 (odd): before every block, each position adds a learned depthwise mix of its K-neighbourhood")
-    output_prior: bool = knob(False, "logits objective: add the training data's log unigram frequencies to the logits")
+    output_prior: bool = knob(False, "logits objective: add the training data's log unigram frequencies to the logits "
+                                     "(with labels, each label's own)")
     label_dropout: float = knob(0.15, "with --label_column: fraction of training rows whose labels become the null label "
                                       "(one model both conditional and unconditional, for classifier-free guidance)")
     distilled_steps: int = knob(0, "0: not distilled | N: distilled for N deterministic steps (scripts.diffusion_distill), "
@@ -231,9 +232,11 @@ class DiffusionRoBERTa(LanguageModel):
         self.local_mix = nn.Parameter(torch.zeros(config.depth, config.local_mix, d)) if config.local_mix else None
         self.head = nn.Linear(d, config.vocab_size if config.objective == "logits" else e, bias=False)
         # the output prior: with the posterior skip, the untrained model is the best denoiser that sees each token
-        # alone, and the network learns only what context adds (saved with the weights)
+        # alone, and the network learns only what context adds (saved with the weights); with labels, one per label
+        # and the whole data's for the null label, so that the label moves the prediction before anything is learned
         use_prior = config.output_prior and config.objective == "logits"
-        self.register_buffer("log_prior", torch.zeros(config.vocab_size) if use_prior else None)
+        rows = (len(config.labels) + 1,) if config.labels else ()
+        self.register_buffer("log_prior", torch.zeros(*rows, config.vocab_size) if use_prior else None)
         torch.set_rng_state(rng)
         self.init_weights()
         if config.distilled_steps:  # a distilled student samples by default as it was distilled: N deterministic steps
@@ -256,9 +259,23 @@ class DiffusionRoBERTa(LanguageModel):
 
     @torch.no_grad()
     def fit_unigram_prior(self, batches):
-        """With output_prior, the log unigram frequencies of the (B, T) token batches become the output prior."""
-        if self.log_prior is not None:
-            self.log_prior.copy_(unigram_log_prior(batches, self.config.vocab_size))
+        """With output_prior, the log unigram frequencies of the training batches ((B, T) tokens; (tokens, labels)
+        for a model with labels: one prior per label, and all tokens' for the null label) become the output prior."""
+        V, labels = self.config.vocab_size, self.config.labels
+        if self.log_prior is None:
+            return
+        if not labels:
+            self.log_prior.copy_(unigram_log_prior(batches, V))
+            return
+        batches = list(batches)
+        by_label = [unigram_log_prior((t[l == i] for t, l in batches), V) for i in range(len(labels))]
+        self.log_prior.copy_(torch.stack(by_label + [unigram_log_prior((t for t, _ in batches), V)]))
+
+    def prior_logits(self, labels):
+        """The output prior for (B, T) label ids (None: the null label): (V,) or (B, T, V)."""
+        if self.log_prior.dim() == 1:
+            return self.log_prior
+        return self.log_prior[len(self.config.labels) if labels is None else labels]
 
     # --- bookkeeping -------------------------------------------------------
 
@@ -366,7 +383,7 @@ class DiffusionRoBERTa(LanguageModel):
         if self.config.objective == "logits":
             # the posterior skip: the network only has to learn what context adds; at low noise it identifies the token
             logits = out + self.token_evidence(z, level, known, E)
-            logits = logits if self.log_prior is None else logits + self.log_prior
+            logits = logits if self.log_prior is None else logits + self.prior_logits(labels)
             logits = logits if temperature == 1 else logits / temperature
             return torch.softmax(logits, dim=-1) @ E, logits  # score interpolation (CDCD, Plaid)
         x0 = (z - level.sigma * out) / level.alpha  # eps: invert z = alpha x + sigma eps

@@ -355,7 +355,8 @@ def train(args, ddp, rank, world_size, device, build=None):
     else:
         progress = Progress(run_id=new_run_id(ddp), loader_states=[None] * grad_accum)
         # the same training tokens on every rank: identical models
-        prior_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, device=device)
+        prior_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, device=device,
+                                  label_column=args.label_column, labels=config.labels if args.label_column else ())
         model.fit_unigram_prior(itertools.islice(prior_loader, max(1, PRIOR_TOKENS // tokens_per_fwd)))
     if args.ema_decay > 0 and run.ema is None:
         run.ema = [p.detach().clone() for p in trainable(model)]

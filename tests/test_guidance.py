@@ -113,6 +113,16 @@ def test_loader_yields_each_documents_label_and_resumes_exactly(labelled, tmp_pa
             assert torch.equal(t, tokens) and torch.equal(i, ids)
 
 
+def test_training_with_labels_fits_an_output_prior_per_label(labelled, tmp_path):
+    data_dir, tok, tok_dir = labelled
+    trainer.main([*TRAIN, "--data_dir", str(data_dir), "--tokenizer_dir", str(tok_dir), "--label_column", "source",
+                  "--output_prior", "1", "--num_iterations", "1", "--checkpoint_dir", str(tmp_path)])
+    model, _, _ = load_model(str(tmp_path / "diffusion_step_000001.pt"))
+    prior = model.log_prior
+    assert prior.shape == (len(model.config.labels) + 1, tok.get_vocab_size()) and torch.isfinite(prior).all()
+    assert not torch.allclose(prior[0], prior[1])  # each label's own counts
+
+
 def test_a_missing_label_column_names_the_columns_present(labelled, tmp_path):
     data_dir, _, tok_dir = labelled
     with pytest.raises(UserError, match=r"no 'genre' column .*columns: \['text', 'source'\]"):

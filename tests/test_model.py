@@ -444,6 +444,25 @@ def test_output_prior_makes_the_untrained_model_the_best_token_alone_denoiser():
     GPT(GPTConfig(depth=1, vocab_size=V, max_seq_len=T)).fit_unigram_prior(iter(()))  # no prior: nothing read
 
 
+def test_a_labelled_models_output_prior_is_each_labels_own():
+    """With labels, the prior is fitted per label (the null label: all tokens), and before training the label alone
+    moves the prediction by exactly the difference of its prior and the null label's."""
+    torch.manual_seed(0)
+    V, T, B = 32, 16, 8
+    model = DiffusionRoBERTa(tiny_config(vocab_size=V, max_seq_len=T, output_prior=True, labels=["a", "b"])).eval()
+    # label a writes tokens 0-15, label b tokens 16-31
+    batches = [(torch.randint(0, 16, (B, T)) + 16 * (l := torch.randint(0, 2, (B, 1))), l.expand(B, T)) for _ in range(4)]
+    model.fit_unigram_prior(iter(batches))
+    assert torch.allclose(model.log_prior[0], unigram_log_prior((t[l == 0] for t, l in batches), V))
+    assert torch.allclose(model.log_prior[2], unigram_log_prior((t for t, _ in batches), V))
+    assert model.log_prior[0, :16].min() > model.log_prior[0, 16:].max()
+    z, level = torch.randn(1, T, 8), model.noise_level(torch.tensor([4.0], dtype=torch.float64))
+    known, sc = torch.zeros(1, T, dtype=torch.bool), torch.zeros(1, T, 8)
+    _, uncond = model.predict_x0(z, level, known, sc)
+    _, cond = model.predict_x0(z, level, known, sc, labels=torch.zeros(1, T, dtype=torch.long))
+    assert torch.allclose(cond - uncond, (model.log_prior[0] - model.log_prior[2]).expand(1, T, V), atol=1e-5)
+
+
 def test_steps_spaced_in_log_snr_share_the_ends_of_the_steps_spaced_in_t():
     """spacing="log_snr" puts the sampler's step ends evenly in gamma between the same two ends as the default
     (evenly in t); a bad spacing is one clear error."""
