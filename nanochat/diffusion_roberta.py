@@ -581,8 +581,8 @@ class DiffusionRoBERTa(LanguageModel):
     @torch.no_grad()
     def generate(self, num_samples, seq_len, known=None, temperature=1.0, generator=None, callback=None,
                  return_trajectory=False, **options):
-        """Denoise from pure noise -> (num_samples, seq_len) token ids. known: {position: token id} that appear
-        unchanged (a prompt, or the text around infilling gaps). temperature divides the logits and scales the
+        """Denoise from pure noise -> (num_samples, seq_len) token ids. known: {position: token id, or a sequence of
+        num_samples ids (a prompt per sample)} that appear unchanged (a prompt, or the text around infilling gaps). temperature divides the logits and scales the
         ancestral noise. options (sampler_defaults): num_steps; sampler ddpm (ancestral) or ddim (deterministic);
         noise_scale scales the ancestral noise further; score_temperature divides the predicted noise, which sharpens
         every step towards the denoised estimate (Plaid's score temperature); spacing t or log_snr spaces the steps
@@ -606,7 +606,7 @@ class DiffusionRoBERTa(LanguageModel):
         known_ids = torch.zeros(B, seq_len, dtype=torch.long, device=device)
         for pos, tok in known.items():
             known_mask[:, pos] = True
-            known_ids[:, pos] = tok
+            known_ids[:, pos] = torch.as_tensor(tok, device=device)  # an id, or one per sample
         x_known = F.embedding(known_ids, E)
         gammas = self.step_gammas(num_steps, o["spacing"])
         levels = self.noise_level(gammas)  # the whole table moved once: no host-device copy per step

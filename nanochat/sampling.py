@@ -102,7 +102,7 @@ def sampler_settings(model, temperature, options):
 
 def generate(model, num_samples, seq_len, known, temperature=1.0, batch_size=None, generator=None, bar=None, **options):
     """(num_samples, seq_len) token ids in batches of batch_size, from any model. known = {position: id} with BOS at
-    0 (for a GPT it must be a prefix). bar: a tqdm bar advanced after every step (see progress_total)."""
+    0 (for a GPT it must be a prefix); the diffusion model also takes a sequence of num_samples ids for a position. bar: a tqdm bar advanced after every step (see progress_total)."""
     sampler_settings(model, temperature, options)
     try:
         model.check_known(seq_len, known)
@@ -110,7 +110,9 @@ def generate(model, num_samples, seq_len, known, temperature=1.0, batch_size=Non
         raise UserError(str(e)) from None
     batch_size = batch_size or num_samples
     callback = (lambda: bar.update(1)) if bar is not None else None
-    return torch.cat([model.generate(min(batch_size, num_samples - start), seq_len, known, temperature, generator, callback, **options)
+    batch = lambda start: {p: v if torch.as_tensor(v).dim() == 0 else v[start:start + batch_size] for p, v in known.items()}
+    return torch.cat([model.generate(min(batch_size, num_samples - start), seq_len, batch(start), temperature, generator,
+                                     callback, **options)
                       for start in range(0, num_samples, batch_size)])
 
 

@@ -193,12 +193,13 @@ class LanguageModel(nn.Module):
         """The checks of sampler settings that need the model itself (ValueError); none by default."""
 
     def check_known(self, seq_len, known):
-        """known {position: token id} (None: nothing known) checked against seq_len and the model."""
+        """known {position: token id, or one per sample} (None: nothing known) checked against seq_len and the model."""
         known = dict(known or {})
+        ids = [int(w) for v in known.values() for w in torch.as_tensor(v).flatten()]
         TransformerConfig.check([
             (1 <= seq_len <= self.config.max_seq_len, f"seq_len must be in [1, {self.config.max_seq_len}] (the model's max_seq_len), got {seq_len}"),
             (all(0 <= p < seq_len for p in known), f"prompt / known positions must lie inside seq_len={seq_len}"),
-            (all(0 <= w < self.config.vocab_size for w in known.values()), "prompt / known token ids must be < vocab_size"),
+            (all(0 <= w < self.config.vocab_size for w in ids), "prompt / known token ids must be < vocab_size"),
         ])
         return known
 

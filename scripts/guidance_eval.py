@@ -50,7 +50,8 @@ def get_args(argv=None):
     a("--num_prompts", type=int, default=32, help="validation prompts, one continuation each per w (0 = skip)")
     a("--prompt_len", type=int, default=32, help="tokens per prompt (after BOS)")
     a("--temperature", type=float, default=1.0, help="divides the logits and scales the sampler's noise")
-    a("--batch_size", type=int, default=None, help="samples per generate() call (default: all of a label at once)")
+    a("--batch_size", type=int, default=None, help="samples per generate() call (default: all of a label, or all the "
+      "prompts, at once)")
     a("--output", default="guidance_eval.json", help="the JSON results; the markdown table goes beside it (.md)")
     a("--seed", type=int, default=42)
     a("--device_type", default="", help="cuda | mps | cpu (default: autodetect)")
@@ -160,17 +161,17 @@ def prompt_guidance(args, model, tokenizer, judge, docs, options, device, autoca
     (± stderr) and entropy."""
     bos, P = tokenizer.get_bos_token_id(), args.prompt_len
     prompts = validation_prompts(docs, args)
-    known = [dict(enumerate(doc[:1 + P])) for doc in prompts]
-    total = sum(progress_total(model, 1, args.sample_len, k, None, args.temperature, **options, guidance=w)
-                for w in args.weights for k in known)
+    known = {p: [doc[p] for doc in prompts] for p in range(1 + P)}  # a prompt per sample
+    n = len(prompts)
+    total = sum(progress_total(model, n, args.sample_len, known, args.batch_size, args.temperature, **options, guidance=w)
+                for w in args.weights)
     with autocast:
         results = [dict(guidance=None, **judge_figures(judge, prompts, bos, context=P))]
     with tqdm(total=total, desc="prompt guidance", unit="step") as bar, autocast:
         for w in args.weights:
-            rows = []
-            for i, k in enumerate(known):
-                g = torch.Generator(device=device).manual_seed(args.seed + i)  # each prompt's noise, the same at every w
-                rows += generate(model, 1, args.sample_len, k, args.temperature, None, g, bar, **options, guidance=w).tolist()
+            g = torch.Generator(device=device).manual_seed(args.seed)  # every w from the same noise
+            rows = generate(model, n, args.sample_len, known, args.temperature, args.batch_size, g, bar, **options,
+                            guidance=w).tolist()
             results.append(dict(guidance=w, **judge_figures(judge, rows, bos, context=P),
                                 sample=decode(tokenizer, rows[0])))
             r = results[-1]

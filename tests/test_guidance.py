@@ -17,6 +17,7 @@ from nanochat.checkpoint import load_model
 from nanochat.common import UserError, run_main
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import label_values, list_row_groups, read_row_group
+from nanochat.sampling import generate
 from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa, reverse_step, reverse_steps
 from nanochat.label_classifier import LabelClassifier, chunks, labelled_documents
 from nanochat.sample_quality import generative_nll, judged_nats
@@ -111,6 +112,18 @@ def test_loader_yields_each_documents_label_and_resumes_exactly(labelled, tmp_pa
         for tokens, ids in batches[k:k + 3]:
             t, i = next(resumed)
             assert torch.equal(t, tokens) and torch.equal(i, ids)
+
+
+def test_a_prompt_per_sample_is_kept_row_by_row_in_any_batching():
+    model = tiny_model()
+    prompts = torch.randint(0, 32, (5, 4))
+    known = {0: 1, **{p: prompts[:, p - 1].tolist() for p in range(1, 5)}}
+    for batch_size in (None, 2):
+        ids = generate(model, 5, 16, known, batch_size=batch_size, generator=torch.Generator().manual_seed(0),
+                       num_steps=3, guidance=1.0)
+        assert torch.equal(ids[:, 1:5], prompts) and ids[:, 0].eq(1).all()
+    with pytest.raises(UserError, match="known token ids must be < vocab_size"):
+        generate(model, 2, 16, {0: 1, 1: [3, 99]}, num_steps=1)
 
 
 def test_training_with_labels_fits_an_output_prior_per_label(labelled, tmp_path):
