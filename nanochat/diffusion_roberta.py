@@ -8,7 +8,8 @@ Reading order, top to bottom:
 2. Noise schedules: alpha_bar(t) for cosine / linear / sqrt, and NoiseSchedule, which maps t in [0, 1]
    to gamma = -log SNR, truncated to [gamma_min, gamma_max]. All schedule arithmetic is float64.
 3. DiffusionRoBERTa: the denoiser, the training loss (objectives `logits`, `eps`), the samplers
-   (ancestral DDPM, deterministic DDIM) and the continuous-time likelihood bound (VDM / Plaid).
+   (ancestral DDPM, deterministic DDIM; labels and classifier-free guidance) and the continuous-time likelihood
+   bound (VDM / Plaid).
 
 Notation (variance preserving): z_t = alpha_t * x + sigma_t * eps, alpha_t^2 = sigmoid(-gamma_t),
 sigma_t^2 = sigmoid(gamma_t), where x is the (unit-norm, sqrt(embed_dim)-scaled) token embedding.

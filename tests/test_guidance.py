@@ -5,6 +5,7 @@ whose labels decide its tokens, where guidance raises the share of samples that 
 
 import json
 import random
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -145,6 +146,22 @@ def test_a_missing_label_column_names_the_columns_present(labelled, tmp_path):
                       "--num_iterations", "1", "--checkpoint_dir", str(tmp_path)])
     with pytest.raises(UserError, match="diffusion model only, not --model gpt"):
         trainer.main(["--model", "gpt", "--label_column", "source", "--checkpoint_dir", str(tmp_path)])
+
+
+def test_labelled_training_resumes_exactly(labelled, tmp_path):
+    data_dir, _, tok_dir = labelled
+    flags = [*TRAIN, "--data_dir", str(data_dir), "--tokenizer_dir", str(tok_dir), "--label_column", "source",
+             "--num_iterations", "4", "--save_every", "2"]
+    trainer.main([*flags, "--checkpoint_dir", str(tmp_path / "whole")])
+    shutil.copytree(tmp_path / "whole", tmp_path / "parts")
+    for name in ("diffusion_step_000004.pt", "diffusion_step_000004.state_rank0.pt", "diffusion_best.pt"):  # step 4's
+        (tmp_path / "parts" / name).unlink()
+    trainer.main([*flags, "--resume", "--checkpoint_dir", str(tmp_path / "parts")])  # from step 2
+    whole, parts = (torch.load(tmp_path / d / "diffusion_step_000004.pt", weights_only=True) for d in ("whole", "parts"))
+    assert whole["config"]["labels"] == ["high", "low"] and whole["meta"]["args"]["label_column"] == "source"
+    for k, v in whole["model"].items():
+        assert torch.allclose(v, parts["model"][k], rtol=0, atol=1e-6), k
+    assert whole["model"]["label_embed.weight"].abs().sum() > 0  # the labels were trained
 
 
 # --- the model -------------------------------------------------------------------------------------------------------
