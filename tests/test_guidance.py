@@ -23,7 +23,7 @@ from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa, revers
 from nanochat.label_classifier import LabelClassifier, chunks, labelled_documents
 from nanochat.sample_quality import generative_nll, judged_nats
 from nanochat.tokenizer import Tokenizer
-from scripts import diffusion_demo, diffusion_sample, guidance_eval
+from scripts import diffusion_demo, diffusion_eval, diffusion_sample, guidance_eval
 from tests.test_model import randomize
 from tests.test_scripts import assert_one_error_line, read_jsonl
 
@@ -339,6 +339,14 @@ def test_labelled_checkpoint_samples_through_the_scripts(labelled, labelled_ckpt
     diffusion_demo.main(["--checkpoint", str(labelled_ckpt), "--num_steps", "4", "--label", "high", "--guidance", "1",
                          "--out_dir", str(tmp_path / "demo")])
     assert "label 'high', guidance 1" in capsys.readouterr().out
+    data_dir = labelled[0]
+    diffusion_eval.main(["--checkpoint", str(labelled_ckpt), "--data_dir", str(data_dir), "--eval_tokens", "64",
+                         "--throughput_steps", "0", "--context_levels", "0", "--num_samples", "2", "--sample_len", "12",
+                         "--sample_steps", "3", "--label", "low", "--guidance", "1", "--output", str(tmp_path / "e.json")])
+    sampling = json.loads((tmp_path / "e.json").read_text())["sampling"]
+    assert (sampling["label"], sampling["guidance"]) == ("low", 1.0) and "label 'low', guidance 1" in sampling["how"]
+    with pytest.raises(UserError, match="trained without --label_column"):  # the demo's fresh model has no labels
+        diffusion_demo.main(["--label", "low", "--out_dir", str(tmp_path / "demo")])
 
 
 @pytest.mark.parametrize("args, message", [
