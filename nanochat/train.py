@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -84,8 +84,6 @@ def train_parser(model, description=__doc__):
     a("--warmdown_ratio", type=float, default=0.2)
     a("--final_lr_frac", type=float, default=0.0)
     a("--grad_clip", type=float, default=1.0, help="0 = off")
-    a("--ema_decay", type=float, default=0.0, help="evaluate, sample and save an exponential moving average of the "
-      "weights with this decay (ramped up as min(decay, (1 + step) / (10 + step))); 0 = off, the weights themselves")
     # evaluation, samples, checkpoints, logging
     a("--eval_every", type=int, default=250, help="-1 = only at the end")
     a("--eval_tokens", type=int, default=None, help="validation tokens per evaluation (default: 2^20 on GPU, 2^13 on CPU)")
@@ -139,8 +137,6 @@ def check_args(args):
         check_number(args, name, 0, math.inf)
     for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
         check_number(args, name, 0, 1)
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema_decay must be in [0, 1) (0 = off), got {args.ema_decay}")
     if args.warmup_ratio + args.warmdown_ratio > 1:
         raise UserError("--warmup_ratio + --warmdown_ratio must be at most 1")
     for name, special in EVERY_SPECIAL.items():
@@ -311,7 +307,6 @@ class Run:
     tokenizer: Tokenizer
     model: torch.nn.Module  # the model itself, not its DDP / compiled wrapper
     optimizers: list
-    ema: list = None  # with --ema_decay: the moving average of each trainable parameter (updated in place)
 
 
 @dataclass
@@ -358,8 +353,6 @@ def train(args, ddp, rank, world_size, device, build=None):
         prior_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", args.data_dir, device=device,
                                   label_column=args.label_column, labels=config.labels if args.label_column else ())
         model.fit_unigram_prior(itertools.islice(prior_loader, max(1, PRIOR_TOKENS // tokens_per_fwd)))
-    if args.ema_decay > 0 and run.ema is None:
-        run.ema = [p.detach().clone() for p in trainable(model)]
     start_step = progress.step
 
     # this rank's training streams and validation batches
@@ -462,10 +455,9 @@ def train(args, ddp, rank, world_size, device, build=None):
     if rank == 0:
         timed_steps = progress.step - start_step - 1
         tokens_per_second = total_batch_size * timed_steps / progress.total_time if progress.total_time else None
-        with averaged(run):
-            report = write_report(args.checkpoint_dir, args.model, vars(args), model, progress.history, device,
-                                  samples=sample_texts(model.eval(), tokenizer, 3, min(64, args.max_seq_len), args.seed),
-                                  tokens_per_second=tokens_per_second)
+        report = write_report(args.checkpoint_dir, args.model, vars(args), model, progress.history, device,
+                              samples=sample_texts(model.eval(), tokenizer, 3, min(64, args.max_seq_len), args.seed),
+                              tokens_per_second=tokens_per_second)
         print0(f"report: {report}")
     wandb_run.finish()
     print0(f"done: {progress.step} steps, {progress.total_time / 60:.2f} min of training, last checkpoint {progress.last_path}")
@@ -492,34 +484,9 @@ def nonfinite_error(run, progress, what, action):
                      + ("" if run.args.grad_clip > 0 else " or --grad_clip 1.0"))
 
 
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-@contextmanager
-def averaged(run):
-    """The model with the moving average of its weights in their place (with --ema_decay; else as it is): what is
-    evaluated, sampled and saved as the model file."""
-    if run.ema is None:
-        yield
-        return
-    params = trainable(run.model)
-    weights = [p.detach().clone() for p in params]
-    torch._foreach_copy_([p.data for p in params], run.ema)
-    try:
-        yield
-    finally:
-        torch._foreach_copy_([p.data for p in params], weights)
-
-
-def update_average(run, step):
-    decay = min(run.args.ema_decay, (1 + step) / (10 + step))  # early on, an average of the recent weights only
-    torch._foreach_lerp_(run.ema, [p.detach() for p in trainable(run.model)], 1 - decay)
-
-
 def print_samples(run):
     run.model.eval()
-    with autocast_for(run.device, run.args.dtype), averaged(run):
+    with autocast_for(run.device, run.args.dtype):
         for text in sample_texts(run.model, run.tokenizer, 2, min(64, run.args.max_seq_len), run.args.seed):
             print0(f"sample: {text!r}")
     run.model.train()
@@ -529,43 +496,30 @@ def weights_finite(model):
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def validation_figures(run, val_batches, token_bytes):
-    model = run.model
+def evaluate(run, progress, val_batches, token_bytes, flops):
+    """Validation loss and bits per byte at progress.step, appended to the history; the weights go to
+    {model}_best.pt when they score the lowest bpb so far (early stopping's pick). A non-finite result stops the run."""
+    model, args = run.model, run.args
     model.eval()
-    torch.manual_seed(run.args.seed + 1000 + run.rank)  # the same noise at every evaluation: comparable curves
+    torch.manual_seed(args.seed + 1000 + run.rank)  # the same noise at every evaluation: comparable curves
     with autocast_for(run.device, run.args.dtype):
         val = evaluate_bpb(model, val_batches, token_bytes)
         val["loss"] = evaluate_loss(model, val_batches)
     model.train()
-    return val
-
-
-def evaluate(run, progress, val_batches, token_bytes, flops):
-    """Validation loss and bits per byte at progress.step (of the averaged weights with --ema_decay, the weights
-    themselves beside them), appended to the history; the weights go to {model}_best.pt when they score the lowest
-    bpb so far (early stopping's pick). A non-finite result stops the run."""
-    model, args = run.model, run.args
-    with averaged(run):
-        val = validation_figures(run, val_batches, token_bytes)
     for name, value in (("loss", val["loss"]), ("bpb", val["bpb"])):
         if not math.isfinite(value):
             raise nonfinite_error(run, progress, f"the validation {name} is {value}", "stopping")
     evals = progress.history["eval"]
     evals.append(dict(step=progress.step, flops=flops, time=progress.total_time, val_loss=val["loss"], val_bpb=val["bpb"],
                       val_bpb_stderr=val["stderr"]))
-    raw = ""
-    if run.ema is not None:
-        evals[-1]["val_bpb_raw"] = validation_figures(run, val_batches, token_bytes)["bpb"]
-        raw = f" (the weights themselves: {evals[-1]['val_bpb_raw']:.4f})"
-    print0(f"step {progress.step:05d} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f} ± {val['stderr']:.4f}{raw}")
+    print0(f"step {progress.step:05d} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f} ± {val['stderr']:.4f}")
     if run.rank == 0 and all(val["bpb"] < e["val_bpb"] for e in evals[:-1]):
         if not weights_finite(model):
             raise nonfinite_error(run, progress, "the weights are not finite", "stopping without saving them")
         os.makedirs(args.checkpoint_dir, exist_ok=True)
         try:
-            with averaged(run):
-                save_model_file(best_path(args.checkpoint_dir, args.model), progress.step, model, args.model,
-                                run.tokenizer, meta={"args": vars(args), "val_bpb": val["bpb"], "run_id": progress.run_id})
+            save_model_file(best_path(args.checkpoint_dir, args.model), progress.step, model, args.model, run.tokenizer,
+                            meta={"args": vars(args), "val_bpb": val["bpb"], "run_id": progress.run_id})
         except UserError as e:
             raise UserError(f"{e}; {kept(progress)}") from None
     return val
@@ -603,8 +557,6 @@ def optimisation_step(run, progress, train_model, loaders, slots, lrm, stop):
             group["lr"] = group["initial_lr"] * lrm
         opt.step()
     model.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        update_average(run, progress.step)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     stop_code = 128 + signal.SIGTERM if sigterms else 128 + signal.SIGINT if sigints else 0
@@ -627,16 +579,13 @@ def save_checkpoint(run, progress):
     state = {"optimizers": [opt.state_dict() for opt in run.optimizers], "loaders": progress.loader_states,
              "world_size": run.world_size, "grad_accum": run.grad_accum, "history": progress.history,
              "total_time": progress.total_time, "run_id": progress.run_id}
-    if run.ema is not None:  # the model file holds the average: the weights themselves, to continue training from
-        state["weights"] = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
     try:
         save_atomic(state, state_path(path, run.rank))
         barrier(run)
         if run.rank == 0:  # written last: its presence marks a complete checkpoint
             try:
-                with averaged(run):
-                    save_model_file(path, progress.step, run.model, args.model, run.tokenizer,
-                                    meta={"args": vars(args), "run_id": progress.run_id})
+                save_model_file(path, progress.step, run.model, args.model, run.tokenizer,
+                                meta={"args": vars(args), "run_id": progress.run_id})
             except UserError:
                 remove_checkpoint(path)  # the state files of a checkpoint that will never be complete
                 raise
@@ -706,10 +655,6 @@ def resume(run):
                         f"above); start afresh with --overwrite")
     check_resume_point(run, path, ckpt, state)
     run.model.load_state_dict(ckpt["model"])
-    if "weights" in state:  # an --ema_decay run's: its model file holds the average, its state file the weights
-        average = [p.detach().clone() for p in trainable(run.model)]
-        run.model.load_state_dict(state["weights"])
-        run.ema = average if args.ema_decay > 0 else None
     rates = [[group["initial_lr"] for group in opt.param_groups] for opt in run.optimizers]
     try:
         for opt, sd in zip(run.optimizers, state["optimizers"]):

@@ -115,10 +115,10 @@ def test_reuse_needs_the_same_flags_and_the_best_checkpoint(tiny_data_dir, tiny_
     assert compare.can_reuse(compare.get_args(argv + ["--out_dir", str(moved)]), "gpt", plan)  # a moved --out_dir
     gpt_final = moved / "gpt" / os.path.basename(compare.final_checkpoint(args, "gpt", plan))
     ckpt = compare.torch.load(gpt_final, weights_only=True)
-    del ckpt["meta"]["args"]["ema_decay"]  # a run older than a flag: as if at its default
+    del ckpt["meta"]["args"]["label_column"]  # a run older than a flag: as if at its default
     compare.torch.save(ckpt, gpt_final)
     assert compare.can_reuse(compare.get_args(argv + ["--out_dir", str(moved)]), "gpt", plan)
-    ckpt["meta"]["args"]["ema_decay"] = 0.5
+    ckpt["meta"]["args"]["label_column"] = "source"
     compare.torch.save(ckpt, gpt_final)
     assert not compare.can_reuse(compare.get_args(argv + ["--out_dir", str(moved)]), "gpt", plan)
     gpt_state = compare.state_path(compare.final_checkpoint(args, "gpt", plan), 0)

@@ -234,26 +234,6 @@ def test_masked_model_resumes_exactly(data, tmp_path):
     assert res_state["loaders"] == ref_state["loaders"]
 
 
-def test_weight_average_is_saved_evaluated_and_resumed_exactly(data, tmp_path):
-    steps = ["--num_iterations", 4, "--save_every", 2, "--eval_every", 2, "--ema_decay", 0.9]
-    out = train(*data, *steps, "--checkpoint_dir", tmp_path / "ref")
-    assert "(the weights themselves: " in out
-    (tmp_path / "res").mkdir()
-    for f in glob.glob(str(tmp_path / "ref" / "diffusion_step_000002*")):
-        shutil.copy(f, tmp_path / "res")
-    train(*data, *steps, "--checkpoint_dir", tmp_path / "res", "--resume")
-    (ref_model, ref_state), (res_model, res_state) = (final_state(tmp_path / d, 4) for d in ("ref", "res"))
-    assert_same_weights(ref_model["model"], res_model["model"], atol=1e-6)  # the average
-    assert_same_weights(ref_state["weights"], res_state["weights"], atol=1e-6)  # the weights themselves
-    # the model file is the average, not the weights themselves
-    (avg2, state2), w4 = final_state(tmp_path / "ref", 2), ref_state["weights"]
-    assert not torch.allclose(ref_model["model"]["embedding.weight"], w4["embedding.weight"])
-    assert not torch.allclose(avg2["model"]["embedding.weight"], state2["weights"]["embedding.weight"])
-    evals = ref_state["history"]["eval"]
-    assert [e["step"] for e in evals] == [0, 2, 4] and all("val_bpb_raw" in e for e in evals)
-    assert evals[0]["val_bpb"] == evals[0]["val_bpb_raw"]  # at step 0 the average is the initial weights
-
-
 def test_resume_with_another_learning_rate_uses_it(reference, data, tmp_path):
     ref_dir, _ = reference
     for f in glob.glob(str(ref_dir / "diffusion_step_000006*")):
