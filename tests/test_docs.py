@@ -196,7 +196,7 @@ README_SECTIONS = {
             "Ablations: experiments/ablate.sh"),
 }
 DELETED_OPTIONS = ("--posterior_input", "--token_noise_rate", "--time_warp", "--time_cond", "--posterior_skip",
-                   "--objective x0")
+                   "--objective x0", "--ema_decay")
 
 
 def section(text, title):
