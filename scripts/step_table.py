@@ -79,13 +79,13 @@ def settings(path, model, args):
     return [(name, dict(SAMPLERS[s], num_steps=n)) for n in args.steps for s in args.samplers]
 
 
-def sample_row(model, label, options, args, bos, judge, device, autocast):
+def sample_row(model, label, options, args, bos, judge, device, autocast, temperature):
     g = torch.Generator(device=device).manual_seed(args.seed)
-    how = sampler_settings(model, args.temperature, options)
+    how = sampler_settings(model, temperature, options)
     sync(device)
     t0 = time.perf_counter()
     with autocast:
-        ids = generate(model, args.num_samples, args.sample_len, {0: bos}, args.temperature, args.batch_size, g, **options)
+        ids = generate(model, args.num_samples, args.sample_len, {0: bos}, temperature, args.batch_size, g, **options)
     sync(device)
     seconds = time.perf_counter() - t0
     with autocast:
@@ -104,7 +104,7 @@ def main(argv=None):
     if args.sample_len > judge.config.max_seq_len:
         raise UserError(f"--sample_len {args.sample_len} is longer than the judge's max_seq_len {judge.config.max_seq_len}")
     bos = tokenizer.get_bos_token_id()
-    rows = [sample_row(judge, "GPT T=1.0 (reference)", {}, args, bos, judge, device, autocast)]
+    rows = [sample_row(judge, "GPT T=1.0 (reference)", {}, args, bos, judge, device, autocast, 1.0)]
     bounds = {}
     for path in args.checkpoints:
         model, tok, ckpt = load_model(path, device, expect="diffusion")
@@ -113,7 +113,7 @@ def main(argv=None):
         if args.sample_len > model.config.max_seq_len:
             raise UserError(f"--sample_len {args.sample_len} is longer than {path}'s max_seq_len {model.config.max_seq_len}")
         for label, options in settings(path, model, args):
-            rows.append(sample_row(model, label, options, args, bos, judge, device, autocast))
+            rows.append(sample_row(model, label, options, args, bos, judge, device, autocast, args.temperature))
         if args.eval_tokens:
             bounds[path] = validation_bpb(model, tokenizer, args, device, autocast)
     for r in rows:

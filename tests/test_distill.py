@@ -181,3 +181,7 @@ def test_step_table_judges_teacher_and_students_against_the_gpt(teacher, distill
     assert all(row["gen_nll"] > 0 and row["unigram_entropy_nats"] > 0 for row in r["rows"])
     assert set(r["val_bpb"]) == {str(teacher), *map(str, students)} and all(b["bpb"] > 0 for b in r["val_bpb"].values())
     assert printed.count("| steps_001/diffusion_step_000006.pt (distilled) | 1 ddim steps |") == 1
+    step_table.main(["--judge", str(judge), "--checkpoints", str(students[1]), "--num_samples", "4", "--sample_len", "16",
+                     "--temperature", "0.5", "--device_type", "cpu", "--output", str(out)])
+    cooler = json.loads(out.read_text())["rows"]
+    assert cooler[0]["gen_nll"] == r["rows"][0]["gen_nll"]  # the reference stays the GPT's samples at temperature 1
