@@ -339,9 +339,8 @@ class DiffusionRoBERTa(LanguageModel):
         block sees up to its own start. labels (B,T): each position's label id (None: the null label everywhere)."""
         T = z.size(1)
         h = self.in_proj(z) + self.self_cond_proj(x0_self_cond) + known[..., None] * self.known_embed
-        if self.label_embed is not None:
-            null = torch.full(z.shape[:2], len(self.config.labels), dtype=torch.long, device=z.device)
-            h = h + self.label_embed(null if labels is None else labels)
+        if self.label_embed is not None:  # labels None: every position gets the null label's vector
+            h = h + (self.label_embed.weight[-1] if labels is None else self.label_embed(labels))
         positions, attn_mask = torch.arange(offset, offset + T, device=z.device), None
         if context is not None:
             h = torch.cat([h, self.context_embedding(context).to(h.dtype)], dim=1)
@@ -583,8 +582,8 @@ class DiffusionRoBERTa(LanguageModel):
     def generate(self, num_samples, seq_len, known=None, temperature=1.0, generator=None, callback=None,
                  return_trajectory=False, **options):
         """Denoise from pure noise -> (num_samples, seq_len) token ids. known: {position: token id, or a sequence of
-        num_samples ids (a prompt per sample)} that appear unchanged (a prompt, or the text around infilling gaps). temperature divides the logits and scales the
-        ancestral noise. options (sampler_defaults): num_steps; sampler ddpm (ancestral) or ddim (deterministic);
+        num_samples ids (a prompt per sample)} that appear unchanged (a prompt, or the text around infilling gaps).
+        temperature divides the logits and scales the ancestral noise. options (sampler_defaults): num_steps; sampler ddpm (ancestral) or ddim (deterministic);
         noise_scale scales the ancestral noise further; score_temperature divides the predicted noise, which sharpens
         every step towards the denoised estimate (Plaid's score temperature); spacing t or log_snr spaces the steps
         evenly in t or in gamma = -log SNR (step_gammas); clamp snaps each x0 estimate to its nearest token embedding

@@ -96,10 +96,9 @@ def judged_nats(judge, token_lists, bos_id=None, batch_size=32, context=0):
     return nats, counts
 
 
-def generative_nll(judge, token_lists, bos_id=None, batch_size=32, context=0):
+def generative_nll(judge, token_lists, bos_id=None, context=0):
     """Mean nats per scored token of the samples under the judge GPT (see judged_nats); nan if none is scored."""
-    nats, counts = judged_nats(judge, token_lists, bos_id, batch_size, context)
-    return sum(nats) / sum(counts) if sum(counts) else float("nan")
+    return judge_figures(judge, token_lists, bos_id, context)["gen_nll"]
 
 
 def ratio_stderr(nats, counts):
@@ -111,9 +110,9 @@ def ratio_stderr(nats, counts):
     return math.sqrt(spread / n) / (sum(counts) / n)
 
 
-def judge_figures(judge, token_lists, bos_id=None):
+def judge_figures(judge, token_lists, bos_id=None, context=0):
     """gen_nll (mean nats per scored token, see judged_nats), its standard error over the samples, and gen_ppl."""
-    nats, counts = judged_nats(judge, token_lists, bos_id)
+    nats, counts = judged_nats(judge, token_lists, bos_id, context=context)
     nll = sum(nats) / sum(counts) if sum(counts) else float("nan")
     return dict(gen_nll=nll, gen_nll_stderr=ratio_stderr(nats, counts), gen_ppl=math.exp(nll))
 

@@ -31,7 +31,7 @@ from nanochat.common import (
     UserError, autocast_for, check_seed, check_writable, compute_init, finite, fmt, run_main, write_text_atomic,
 )
 from nanochat.label_classifier import LabelClassifier, accuracy_summary, chunks, labelled_documents
-from nanochat.sample_quality import judged_nats, load_judge, unigram_entropy
+from nanochat.sample_quality import judge_figures, load_judge, unigram_entropy
 from nanochat.sampling import add_sampler_args, decode, generate, progress_total, sampler_options, sampler_settings
 
 
@@ -103,19 +103,12 @@ def load(args, device):
     return model, tokenizer, judge, column, ckpt["step"]
 
 
-def mean_stderr(values):
-    n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else float("nan")
-    return mean, math.sqrt(var / n) if n > 1 else float("nan")
-
-
-def judge_figures(judge, rows, bos, context=0):
-    """Judge NLL (mean over samples of nats per scored token, and its stderr) and unigram entropy of rows (token
-    lists with BOS first), the first `context` tokens after BOS (a prompt) not scored."""
-    nats, counts = judged_nats(judge, [r[1:] for r in rows], bos, context=context)
-    nll, nll_stderr = mean_stderr([n / c for n, c in zip(nats, counts)])
-    return dict(judge_nll=nll, judge_nll_stderr=nll_stderr, entropy=unigram_entropy([r[1 + context:] for r in rows]))
+def continuation_figures(judge, rows, bos, context=0):
+    """Judge NLL (nats per scored token, and its stderr over the rows) and unigram entropy of rows (token lists with
+    BOS first), the first `context` tokens after BOS (a prompt) not scored."""
+    q = judge_figures(judge, [r[1:] for r in rows], bos, context)
+    return dict(judge_nll=q["gen_nll"], judge_nll_stderr=q["gen_nll_stderr"],
+                entropy=unigram_entropy([r[1 + context:] for r in rows]))
 
 
 def label_guidance(args, model, tokenizer, judge, classifier, options, device, autocast):
@@ -138,7 +131,7 @@ def label_guidance(args, model, tokenizer, judge, classifier, options, device, a
         predicted = classifier.classify(torch.tensor(samples))
         acc = accuracy_summary([p == a for p, a in zip(predicted, asked)], asked)
         with autocast:
-            quality = judge_figures(judge, samples, bos)
+            quality = continuation_figures(judge, samples, bos)
         results.append(dict(guidance=w, label_accuracy=acc["accuracy"], label_accuracy_stderr=acc["stderr"],
                             label_accuracy_by_label=acc["per_label"], **quality,
                             samples={label: decode(tokenizer, samples[asked.index(label)]) for label in labels}))
@@ -166,13 +159,13 @@ def prompt_guidance(args, model, tokenizer, judge, docs, options, device, autoca
     total = sum(progress_total(model, n, args.sample_len, known, args.batch_size, args.temperature, **options, guidance=w)
                 for w in args.weights)
     with autocast:
-        results = [dict(guidance=None, **judge_figures(judge, prompts, bos, context=P))]
+        results = [dict(guidance=None, **continuation_figures(judge, prompts, bos, context=P))]
     with tqdm(total=total, desc="prompt guidance", unit="step") as bar, autocast:
         for w in args.weights:
             g = torch.Generator(device=device).manual_seed(args.seed)  # every w from the same noise
             rows = generate(model, n, args.sample_len, known, args.temperature, args.batch_size, g, bar, **options,
                             guidance=w).tolist()
-            results.append(dict(guidance=w, **judge_figures(judge, rows, bos, context=P),
+            results.append(dict(guidance=w, **continuation_figures(judge, rows, bos, context=P),
                                 sample=decode(tokenizer, rows[0])))
             r = results[-1]
             tqdm.write(f"prompt guidance w={w:g}: continuation judge NLL {r['judge_nll']:.3f} ± {r['judge_nll_stderr']:.3f}, "

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from nanochat import train as trainer
 from nanochat.checkpoint import load_model
-from nanochat.common import UserError, run_main
+from nanochat.common import UserError
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import label_values, list_row_groups, read_row_group
 from nanochat.sampling import generate
@@ -25,7 +25,7 @@ from nanochat.sample_quality import generative_nll, judged_nats
 from nanochat.tokenizer import Tokenizer
 from scripts import diffusion_demo, diffusion_eval, diffusion_sample, guidance_eval
 from tests.test_model import randomize
-from tests.test_scripts import assert_one_error_line, read_jsonl
+from tests.test_scripts import assert_fails_clearly, read_jsonl
 
 # the label decides the letters: "low" documents use words of a..m, "high" documents words of n..z
 WORDS = {"low": "abc bad cab dam face gig hem jam lab mad bead deli".split(),
@@ -361,12 +361,7 @@ def test_bad_conditioning_through_diffusion_sample(labelled_ckpt, tmp_path, caps
     torch.save({**ckpt, "config": {**ckpt["config"], "labels": []},
                 "model": {k: v for k, v in ckpt["model"].items() if not k.startswith("label_embed")}}, plain)
     argv = ["--checkpoint", str(labelled_ckpt), "--num_steps", "2", "--seq_len", "8"] + [a.format(plain=plain) for a in args]
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: diffusion_sample.main(argv))
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert_one_error_line(err)
-    assert message in err, err
+    assert_fails_clearly(diffusion_sample.main, argv, capsys, message)
 
 
 def test_guidance_eval_writes_the_table(labelled, labelled_ckpt, tmp_path, capsys):

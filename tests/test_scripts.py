@@ -58,6 +58,16 @@ def assert_one_error_line(stderr):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
 
 
+def assert_fails_clearly(main, argv, capsys, message):
+    """main(argv), run as a script runs: exit code 1 and one error line that says message."""
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(argv))
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert message in err, err
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
@@ -378,12 +388,7 @@ SAMPLE_BAD = [
 def test_sample_bad_input(ckpts, bad_files, capsys, overrides, message):
     args = {"--checkpoint": str(ckpts["diffusion"]), "--num_steps": "2", **overrides}
     argv = [s.format(bad=bad_files) for kv in args.items() for s in kv]
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: diffusion_sample.main(argv))
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert_one_error_line(err)
-    assert message in err, err
+    assert_fails_clearly(diffusion_sample.main, argv, capsys, message)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -404,12 +409,7 @@ def test_sample_bad_input(ckpts, bad_files, capsys, overrides, message):
 def test_eval_bad_input(ckpts, bad_files, capsys, extra, message):
     argv = ["--checkpoint", str(ckpts["diffusion"]), "--data_dir", str(bad_files)] + extra
     argv = [s.format(bad=bad_files, diffusion=ckpts["diffusion"]) for s in argv]
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: diffusion_eval.main(argv))
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert_one_error_line(err)
-    assert message in err, err
+    assert_fails_clearly(diffusion_eval.main, argv, capsys, message)
 
 
 @pytest.mark.parametrize("module, args, message", [
