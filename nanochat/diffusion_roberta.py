@@ -37,7 +37,7 @@ class DiffusionConfig(TransformerConfig):
     embed_dim: int = knob(64, "dimension of the (low-dimensional) space the diffusion runs in")
     objective: str = knob("logits", "logits: cross-entropy on the clean tokens | eps: MSE on the noise + rounding CE")
     schedule: str = knob("cosine", "shape of gamma(t): where training spends its timesteps and how the sampler steps")
-    gamma_min: float = knob(-0.5, "log-SNR truncation: gamma = -log SNR at t=0")
+    gamma_min: float = knob(0.5, "log-SNR truncation: gamma = -log SNR at t=0")
     gamma_max: float = knob(6.0, "gamma at t=1")
     self_cond: bool = knob(True, "feed the previous estimate of x0 back in (Chen et al., Analog Bits)")
     self_cond_rate: float = knob(0.5, "fraction of training micro-batches that get a self-conditioning first pass")
