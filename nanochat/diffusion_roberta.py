@@ -581,17 +581,18 @@ class DiffusionRoBERTa(LanguageModel):
     @torch.no_grad()
     def generate(self, num_samples, seq_len, known=None, temperature=1.0, generator=None, callback=None,
                  return_trajectory=False, **options):
-        """Denoise from pure noise -> (num_samples, seq_len) token ids. known: {position: token id, or a sequence of
-        num_samples ids (a prompt per sample)} that appear unchanged (a prompt, or the text around infilling gaps).
-        temperature divides the logits and scales the ancestral noise. options (sampler_defaults): num_steps; sampler ddpm (ancestral) or ddim (deterministic);
-        noise_scale scales the ancestral noise further; score_temperature divides the predicted noise, which sharpens
-        every step towards the denoised estimate (Plaid's score temperature); spacing t or log_snr spaces the steps
-        evenly in t or in gamma = -log SNR (step_gammas); clamp snaps each x0 estimate to its nearest token embedding
-        (Diffusion-LM); compile runs the denoiser through torch.compile; label conditions every position on one of the
-        model's labels (config.labels); guidance w > 0 is classifier-free guidance (Ho & Salimans 2022): every step
-        also runs the network without the conditions (no label, no known tokens), and the estimate becomes
-        cond + w * (cond - uncond). With return_trajectory, also returns the list of argmax token estimates after every
-        step. callback() runs after every step (progress bars).
+        """Denoise from pure noise -> (num_samples, seq_len) token ids. known: {position: token id, or a
+        sequence of num_samples ids (a prompt per sample)} that appear unchanged (a prompt, or the text around
+        infilling gaps). temperature divides the logits and scales the ancestral noise. options
+        (sampler_defaults): num_steps; sampler ddpm (ancestral) or ddim (deterministic); noise_scale scales the
+        ancestral noise further; score_temperature divides the predicted noise, which sharpens every step
+        towards the denoised estimate (Plaid's score temperature); spacing t or log_snr spaces the steps evenly
+        in t or in gamma = -log SNR (step_gammas); clamp snaps each x0 estimate to its nearest token embedding
+        (Diffusion-LM); compile runs the denoiser through torch.compile; label conditions every position on one
+        of the model's labels (config.labels); guidance w > 0 is classifier-free guidance (Ho & Salimans 2022):
+        every step also runs the network without the conditions (no label, no known tokens), and the estimate
+        becomes cond + w * (cond - uncond). With return_trajectory, also returns the list of argmax token
+        estimates after every step. callback() runs after every step (progress bars).
         With block_size K, the blocks of K tokens are generated left to right, num_steps each, every block given
         the clean tokens before it (semi-autoregressive, as in SSD-LM and BD3-LM); guidance drops the label and the
         known tokens of the block being generated, while the clean blocks before it stay its context."""

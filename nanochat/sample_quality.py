@@ -8,10 +8,10 @@ A sample is a list of token ids (the generated part, without the BOS it was star
     distinct_n        unique n-grams / all n-grams, pooled over the samples (Li et al. 2016)
     repetition_rate   fraction of a sample's n-grams (default 4-grams) that already occurred earlier in the
                       same sample, pooled over the samples: 0 = no repeats, near 1 = loops
-    generative_nll    mean nats per token of the samples under an autoregressive judge (a GPT checkpoint
-                      with the same tokenizer); generative perplexity = exp(generative_nll); with context, of
-                      the continuation given a prompt (judged_nats: per sample); judge_figures adds its
-                      standard error over the samples
+    judge_figures     mean nats per token of the samples under an autoregressive judge (a GPT checkpoint
+                      with the same tokenizer), its standard error over the samples, and the generative
+                      perplexity exp(nll); with context, of the continuation given a prompt (judged_nats:
+                      per sample)
 """
 
 import math
@@ -94,11 +94,6 @@ def judged_nats(judge, token_lists, bos_id=None, batch_size=32, context=0):
         nats += (nll * mask[:, 1:]).sum(1).tolist()
         counts += mask[:, 1:].sum(1).tolist()
     return nats, counts
-
-
-def generative_nll(judge, token_lists, bos_id=None, context=0):
-    """Mean nats per scored token of the samples under the judge GPT (see judged_nats); nan if none is scored."""
-    return judge_figures(judge, token_lists, bos_id, context)["gen_nll"]
 
 
 def ratio_stderr(nats, counts):

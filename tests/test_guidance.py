@@ -21,7 +21,7 @@ from nanochat.dataset import label_values, list_row_groups, read_row_group
 from nanochat.sampling import generate
 from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa, reverse_step, reverse_steps
 from nanochat.label_classifier import LabelClassifier, chunks, labelled_documents
-from nanochat.sample_quality import generative_nll, judged_nats
+from nanochat.sample_quality import judge_figures, judged_nats
 from nanochat.tokenizer import Tokenizer
 from scripts import diffusion_demo, diffusion_eval, diffusion_sample, guidance_eval
 from tests.test_model import randomize
@@ -296,7 +296,7 @@ def test_label_classifier_and_the_continuation_nll(labelled):
     nats, counts = judged_nats(judge, [sample], tok.get_bos_token_id(), context=4)
     per_token = F.cross_entropy(judge.logits(torch.tensor([low[:-1]]))[0], torch.tensor(low[1:]), reduction="none")
     assert counts == [len(sample) - 4] and nats[0] == pytest.approx(per_token[4:].sum().item(), rel=1e-5)
-    assert generative_nll(judge, [sample], tok.get_bos_token_id()) == pytest.approx(per_token.mean().item(), rel=1e-5)
+    assert judge_figures(judge, [sample], tok.get_bos_token_id())["gen_nll"] == pytest.approx(per_token.mean().item(), rel=1e-5)
 
 
 def label_accuracy(model, classifier, bos, conditioned=True, num_samples=24, **options):

@@ -227,8 +227,8 @@ def test_bound_on_data_of_known_entropy(block_size):
     meaningfully below it, and after training it comes close to it."""
     torch.manual_seed(0)
     k = 8
-    # 8-d embeddings are told apart by the token-alone posterior only at low noise: the range starts at -3 (with the
-    # default -0.5 the bound's reconstruction term alone would keep it loose)
+    # 8-d embeddings are told apart by the token-alone posterior only at low noise: the range starts at -3 (at the
+    # default low end the bound's reconstruction term alone would keep it loose)
     model = DiffusionRoBERTa(DiffusionConfig(depth=1, vocab_size=16, max_seq_len=16, embed_dim=8, cond_rate=0.0,
                                              block_size=block_size, gamma_min=-3.0))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -23,7 +23,7 @@ from nanochat.diffusion_roberta import DiffusionConfig, DiffusionRoBERTa
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.ngram import NGram
 from nanochat.sample_quality import (
-    distinct_n, generative_nll, load_judge, ratio_stderr, repetition_rate, sample_quality, unigram_entropy,
+    distinct_n, judge_figures, load_judge, ratio_stderr, repetition_rate, sample_quality, unigram_entropy,
 )
 from nanochat.sampling import build_infill, generate, parse_infill
 from nanochat.tokenizer import Tokenizer
@@ -123,14 +123,14 @@ def test_generative_nll_and_judge_identity(tiny_tokenizer, tmp_path):
     V = tok.get_vocab_size()
     judge = GPT(GPTConfig(vocab_size=V, depth=1, max_seq_len=16)).eval()  # zero head: uniform predictions
     samples = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    assert generative_nll(judge, samples, bos_id=tok.get_bos_token_id()) == pytest.approx(math.log(V), rel=1e-5)
+    assert judge_figures(judge, samples, bos_id=tok.get_bos_token_id())["gen_nll"] == pytest.approx(math.log(V), rel=1e-5)
     q = sample_quality(samples, judge, tok.get_bos_token_id())
     assert q["gen_ppl"] == pytest.approx(V, rel=1e-4) and sample_quality(samples)["gen_ppl"] is None
     assert q["gen_nll_stderr"] == pytest.approx(0, abs=1e-5)  # every token scored alike: no spread
     per_sample = torch.tensor([2.0, 3.0, 7.0])  # samples of equal length: the standard error of their mean
     assert ratio_stderr((per_sample * 4).tolist(), [4, 4, 4]) == pytest.approx((per_sample.std() / math.sqrt(3)).item())
     with pytest.raises(UserError, match="max_seq_len"):
-        generative_nll(judge, [list(range(20))])
+        judge_figures(judge, [list(range(20))])
     save_model_file(str(tmp_path / "same.pt"), 0, judge, "gpt", tok)
     assert isinstance(load_judge(tmp_path / "same.pt", tok), GPT)
     other = Tokenizer.train_from_iterator(iter(["some other text entirely"] * 5), 300)
