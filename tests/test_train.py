@@ -186,7 +186,7 @@ def test_log_lines_report_and_checkpoint_format(reference, tiny_tokenizer):
     assert ckpt["step"] == 6 and ckpt["model_type"] == "diffusion" and ckpt["config"]["depth"] == 1
     assert ckpt["tokenizer"]["identity"] == tiny_tokenizer[0].identity
     assert ckpt["meta"]["args"]["num_iterations"] == 6
-    assert [ckpt["meta"]["args"][k] for k in ("matrix_lr", "embedding_lr", "head_lr")] == [0.01, 0.02, 0.001]  # the diffusion defaults
+    assert [ckpt["meta"]["args"][k] for k in ("matrix_lr", "embedding_lr", "head_lr")] == [0.01, 0.01, 0.001]  # the diffusion defaults
     assert state["optimizers"][1]["param_groups"][0]["initial_lr"] == 0.01  # ... and Muon ran at them
     assert [e["step"] for e in state["history"]["eval"]] == [0, 3, 6] and len(state["history"]["train"]) == 6
     model, tokenizer, _ = load_model(str(ckpt_dir / "diffusion_step_000006.pt"))
