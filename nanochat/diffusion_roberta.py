@@ -206,7 +206,7 @@ class DiffusionRoBERTa(LanguageModel):
     nll_kind = "likelihood bound"  # token_nll() is an upper bound on the NLL
     # learning rates that differ from the GPT's (nanochat.optim.LEARNING_RATES): one noise level per row makes a much
     # noisier gradient, the head only learns what context adds to the posterior skip, and the embeddings (the space
-    # the noise lives in) learn best at a twentieth of the GPT's rate (dev/LOG.md)
+    # the noise lives in) learn better at each lower rate measured, down to a twentieth of the GPT's (dev/LOG.md)
     learning_rates = dict(matrix_lr=0.01, embedding_lr=0.01, head_lr=0.001)
     # generate()'s sampler options and their defaults: noise at 0.85 of the reverse process's and a score temperature
     # of 0.9 sampled best against the GPT; both at 1 give the model's own reverse process
